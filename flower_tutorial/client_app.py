@@ -1,0 +1,91 @@
+"""flower_tutorial: a Flower ClientApp, one organization of the federation."""
+
+from __future__ import annotations
+
+from flwr.client import Client, ClientApp, NumPyClient
+from flwr.common import Config, Context, NDArrays, Scalar
+from torch import nn
+from torch.utils.data import DataLoader
+
+from flower_tutorial.config import NodeSettings, RunSettings
+from flower_tutorial.task import (
+    Net,
+    get_device,
+    get_parameters,
+    load_data,
+    set_parameters,
+    set_seed,
+    test,
+    train,
+)
+
+
+class FlowerClient(NumPyClient):
+    """Trains and evaluates the global model on one organization's partition."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        trainloader: DataLoader,
+        valloader: DataLoader,
+        settings: RunSettings,
+        partition_id: int,
+    ) -> None:
+        self.net = net
+        self.trainloader = trainloader
+        self.valloader = valloader
+        self.settings = settings
+        self.partition_id = partition_id
+        self.device = get_device()
+
+    def get_parameters(self, config: Config) -> NDArrays:
+        """Return the local model's parameters."""
+        return get_parameters(self.net)
+
+    def fit(
+        self, parameters: NDArrays, config: Config
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Train the received model on the local training data.
+
+        Returns the number of training *examples* (not batches, as the tutorial
+        does), so that FedAvg weighs each client by how much data it holds.
+        """
+        set_parameters(self.net, parameters)
+        # Same (seed, partition, round) -> same shuffling, whichever worker runs it.
+        set_seed(self.settings.seed, self.partition_id, int(config["server-round"]))
+        train_loss = train(
+            self.net,
+            self.trainloader,
+            epochs=self.settings.local_epochs,
+            learning_rate=self.settings.learning_rate,
+            device=self.device,
+        )
+        num_examples = len(self.trainloader.dataset)
+        return get_parameters(self.net), num_examples, {"train_loss": train_loss}
+
+    def evaluate(
+        self, parameters: NDArrays, config: Config
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        """Evaluate the received model on the local validation data."""
+        set_parameters(self.net, parameters)
+        loss, accuracy = test(self.net, self.valloader, self.device)
+        return loss, len(self.valloader.dataset), {"accuracy": accuracy}
+
+
+def client_fn(context: Context) -> Client:
+    """Create the client of the organization that `context.node_config` names."""
+    settings = RunSettings.from_run_config(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config)
+    trainloader, valloader = load_data(
+        partition_id=node.partition_id,
+        num_partitions=node.num_partitions,
+        dataset=settings.dataset,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+    return FlowerClient(
+        Net(), trainloader, valloader, settings, node.partition_id
+    ).to_client()
+
+
+app = ClientApp(client_fn=client_fn)

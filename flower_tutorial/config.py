@@ -1,0 +1,127 @@
+"""flower_tutorial: typed, checked view of the run config and the node config.
+
+The defaults live in ``[tool.flwr.app.config]`` of ``pyproject.toml``; this module
+only reads and checks what Flower hands to the ServerApp and the ClientApp, so that a
+mistyped value stops the run with a message naming the key, the value and what is
+allowed, before any training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_WHERE_TO_SET = {
+    "run config": "in [tool.flwr.app.config] of pyproject.toml or with "
+    '`flwr run . --run-config "KEY=..."`',
+    "node config": 'with `flower-supernode --node-config "KEY=..."`',
+}
+
+
+def _get(config: Mapping[str, Any], key: str, source: str) -> Any:
+    if key not in config:
+        where = _WHERE_TO_SET[source].replace("KEY", key)
+        raise ValueError(f"The {source} has no '{key}' key: set it {where}.")
+    return config[key]
+
+
+def _int(config: Mapping[str, Any], key: str, minimum: int, source: str) -> int:
+    value = _get(config, key, source)
+    # bool is a subclass of int, but `true` is never a sensible count.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{source} key '{key}' = {value!r} is not allowed: "
+            f"expected an integer >= {minimum}."
+        )
+    return value
+
+
+def _float(
+    config: Mapping[str, Any],
+    key: str,
+    source: str,
+    *,
+    upper: float = math.inf,
+) -> float:
+    """Read a finite float in (0, upper]; TOML integers are accepted too."""
+    value = _get(config, key, source)
+    valid = isinstance(value, int | float) and not isinstance(value, bool)
+    if not valid or not 0 < value <= upper or not math.isfinite(value):
+        allowed = "a number > 0" if math.isinf(upper) else f"a number in (0, {upper}]"
+        raise ValueError(
+            f"{source} key '{key}' = {value!r} is not allowed: expected {allowed}."
+        )
+    return float(value)
+
+
+def _str(config: Mapping[str, Any], key: str, source: str) -> str:
+    value = _get(config, key, source)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"{source} key '{key}' = {value!r} is not allowed: "
+            "expected a non-empty string."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every run-config key of the app, typed and range-checked."""
+
+    num_server_rounds: int
+    fraction_fit: float
+    fraction_evaluate: float
+    min_fit_clients: int
+    min_evaluate_clients: int
+    min_available_clients: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    dataset: str
+    seed: int
+    node_wait_timeout: float
+    round_timeout: float
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Read and check ``context.run_config``; raise ValueError on a bad value."""
+        src = "run config"
+        return cls(
+            num_server_rounds=_int(run_config, "num-server-rounds", 1, src),
+            fraction_fit=_float(run_config, "fraction-fit", src, upper=1.0),
+            fraction_evaluate=_float(run_config, "fraction-evaluate", src, upper=1.0),
+            min_fit_clients=_int(run_config, "min-fit-clients", 1, src),
+            min_evaluate_clients=_int(run_config, "min-evaluate-clients", 1, src),
+            min_available_clients=_int(run_config, "min-available-clients", 1, src),
+            local_epochs=_int(run_config, "local-epochs", 1, src),
+            batch_size=_int(run_config, "batch-size", 1, src),
+            learning_rate=_float(run_config, "learning-rate", src),
+            dataset=_str(run_config, "dataset", src),
+            seed=_int(run_config, "seed", 0, src),
+            node_wait_timeout=_float(run_config, "node-wait-timeout", src),
+            round_timeout=_float(run_config, "round-timeout", src),
+        )
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The node-config keys a SuperNode gives its ClientApp."""
+
+    partition_id: int
+    num_partitions: int
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        """Read and check ``context.node_config``; raise ValueError on a bad value."""
+        src = "node config"
+        num_partitions = _int(node_config, "num-partitions", 1, src)
+        partition_id = _int(node_config, "partition-id", 0, src)
+        if partition_id >= num_partitions:
+            raise ValueError(
+                f"node config key 'partition-id' = {partition_id} is not allowed: "
+                f"expected an integer in [0, {num_partitions}) "
+                f"(num-partitions = {num_partitions})."
+            )
+        return cls(partition_id=partition_id, num_partitions=num_partitions)

@@ -1,0 +1,81 @@
+"""flower_tutorial: the tutorial's `run_simulation` entry, for notebooks and scripts.
+
+`flwr run .` is the way to run the app; this module keeps the tutorial's Python
+entry working: it fuses the run config of ``pyproject.toml`` with overrides (which
+`run_simulation` alone does not read) and returns Flower's History of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flwr.client import Client, ClientApp
+from flwr.common import Context
+from flwr.common.config import get_fused_config_from_dir
+from flwr.server import History, Server, ServerApp, ServerAppComponents
+from flwr.simulation import run_simulation
+
+from flower_tutorial.client_app import client_fn
+from flower_tutorial.server_app import server_fn
+from flower_tutorial.task import get_device
+
+# The app's root, where pyproject.toml holds the run config's defaults.
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+class _RecordingServer(Server):
+    """A Server that keeps the History that `run_simulation` would discard."""
+
+    history: History | None = None
+
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        self.history, elapsed = super().fit(num_rounds, timeout)
+        return self.history, elapsed
+
+
+def default_backend_config() -> dict[str, Any]:
+    """Return the tutorial's client resources: 1 CPU each, a whole GPU on CUDA."""
+    num_gpus = 1.0 if get_device().type == "cuda" else 0.0
+    return {"client_resources": {"num_cpus": 1, "num_gpus": num_gpus}}
+
+
+def run_tutorial_simulation(
+    num_supernodes: int = 10,
+    run_config: Mapping[str, Any] | None = None,
+    backend_config: Mapping[str, Any] | None = None,
+    app_dir: Path = APP_DIR,
+) -> History:
+    """Simulate the federation in this process and return its History.
+
+    `run_config` overrides keys of ``[tool.flwr.app.config]`` (an unknown key is an
+    error); `backend_config` is passed to `run_simulation` (default: see
+    `default_backend_config`). Each SuperNode gets ``partition-id`` and
+    ``num-partitions = num_supernodes`` in its node config.
+    """
+    fused = get_fused_config_from_dir(app_dir, dict(run_config or {}))
+    servers: list[_RecordingServer] = []
+
+    def _server_fn(context: Context) -> ServerAppComponents:
+        components = server_fn(replace(context, run_config=fused))
+        server = _RecordingServer(
+            client_manager=components.client_manager, strategy=components.strategy
+        )
+        servers.append(server)
+        return ServerAppComponents(server=server, config=components.config)
+
+    def _client_fn(context: Context) -> Client:
+        # A copy: Flower rejects a ClientApp that changes its context's run_config.
+        return client_fn(replace(context, run_config=fused))
+
+    run_simulation(
+        server_app=ServerApp(server_fn=_server_fn),
+        client_app=ClientApp(client_fn=_client_fn),
+        num_supernodes=num_supernodes,
+        backend_config=dict(backend_config or default_backend_config()),
+    )
+    if not servers or servers[0].history is None:
+        raise RuntimeError("The simulation ended without completing its rounds.")
+    return servers[0].history

@@ -1,0 +1,179 @@
+"""Shared fixtures: offline Hugging Face settings and a synthetic CIFAR-10 folder."""
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Set before `datasets` is imported anywhere: no hub, and a cache of our own so
+# tests neither reach the network nor read or fill the user's cache.
+_HF_HOME = tempfile.mkdtemp(prefix="flower-tutorial-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from datasets import ClassLabel, Dataset, Features, Image  # noqa: E402
+from flwr.common.config import get_project_config  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
+
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+_PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
+NUM_TRAIN = 240
+NUM_TEST = 60
+
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def default_run_config() -> dict:
+    """The run config of pyproject.toml, as `flwr run` reads it."""
+    return dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+def make_split(num_images: int, seed: int) -> Dataset:
+    """Images in the CIFAR-10 schema whose class sets their mean colour.
+
+    Every image is unique (noise), so partitions can be told apart by content, and
+    the colour makes the labels learnable by the tutorial's CNN in a few steps.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num_images) % len(CIFAR10_CLASSES)
+    rng.shuffle(labels)
+    palette = rng.integers(0, 256, size=(len(CIFAR10_CLASSES), 3))
+    images = []
+    for label in labels:
+        noise = rng.integers(-40, 41, size=(32, 32, 3))
+        pixels = np.clip(palette[label] + noise, 0, 255).astype(np.uint8)
+        images.append(PILImage.fromarray(pixels, mode="RGB"))
+    features = Features({"img": Image(), "label": ClassLabel(names=CIFAR10_CLASSES)})
+    return Dataset.from_dict({"img": images, "label": labels.tolist()}, features)
+
+
+def write_hub_layout(root: Path, splits: dict[str, Dataset]) -> Path:
+    """Write splits as `uoft-cs/cifar10` lays them out: plain_text/<split>-*.parquet."""
+    (root / "plain_text").mkdir(parents=True)
+    for name, split in splits.items():
+        split.to_parquet(str(root / "plain_text" / f"{name}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CIFAR-10 copy: NUM_TRAIN train and NUM_TEST test images."""
+    root = tmp_path_factory.mktemp("cifar10")
+    return write_hub_layout(
+        root, {"train": make_split(NUM_TRAIN, 0), "test": make_split(NUM_TEST, 1)}
+    )
+
+
+def _set_child_subreaper() -> None:
+    """Adopt orphaned descendants (e.g. Ray workers) so they can be found and reaped.
+
+    Without this, processes whose parent exits are re-parented to PID 1 and a test
+    could not tell what its run left behind.
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _live_descendants(root: int) -> dict[int, str]:
+    """Return {pid: command} of the live (non-zombie) descendants of `root`."""
+    children: dict[int, list[int]] = {}
+    info: dict[int, tuple[str, str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the process ended while we looked
+        pid = int(stat.parent.name)
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        state, ppid = text[text.rindex(")") + 2 :].split()[:2]
+        children.setdefault(int(ppid), []).append(pid)
+        info[pid] = (state, name)
+    found: dict[int, str] = {}
+    stack = list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        if info[pid][0] != "Z":
+            found[pid] = info[pid][1]
+    return found
+
+
+def _kill_descendants() -> dict[int, str]:
+    """SIGKILL every live descendant of this process by PID; return them."""
+    left = _live_descendants(os.getpid())
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    with contextlib.suppress(ChildProcessError):  # reap what we adopted
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    return left
+
+
+@pytest.fixture
+def run_python() -> Iterator[Callable[[str, float], tuple[int, str]]]:
+    """Run Python code in a child process -> (exit code, output).
+
+    The test fails if the child outlives `timeout` or leaves processes behind.
+    Whatever the child started (Ray's GCS, raylet, workers) is stopped by PID when
+    the test ends, also when it fails or times out.
+    """
+    _set_child_subreaper()
+
+    def run(code: str, timeout: float) -> tuple[int, str]:
+        # A file, not a pipe: a grandchild holding a pipe open would block reading.
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT
+            )
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                # Reaped by Popen first, so the sweep below cannot steal its status.
+                proc.kill()
+                proc.wait()
+                _kill_descendants()
+                timed_out = True
+            log.seek(0)
+            output = log.read()
+        if timed_out:
+            pytest.fail(f"timed out after {timeout} s:\n{output[-4000:]}")
+        return proc.returncode, output
+
+    yield run
+
+    # Give processes that are already exiting a moment, then stop the rest.
+    deadline = time.monotonic() + 15
+    while _live_descendants(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = _kill_descendants()
+    assert not left, f"processes left running by the test (now killed): {left}"

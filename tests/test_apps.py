@@ -1,0 +1,136 @@
+"""The ClientApp's FlowerClient and client_fn, and the ServerApp's pieces."""
+
+import numpy as np
+import pytest
+from conftest import NUM_TRAIN, default_run_config
+from flwr.common import (
+    Context,
+    GetParametersIns,
+    RecordDict,
+    parameters_to_ndarrays,
+)
+from flwr.server.strategy import FedAvg
+
+from flower_tutorial.client_app import FlowerClient, client_fn
+from flower_tutorial.config import RunSettings
+from flower_tutorial.server_app import (
+    BoundedClientManager,
+    server_fn,
+    weighted_average,
+)
+from flower_tutorial.task import Net, get_parameters, load_data, set_seed
+
+NUM_PARTITIONS = 4
+
+
+@pytest.fixture
+def run_config(cifar_dir) -> dict:
+    return default_run_config() | {"dataset": str(cifar_dir), "batch-size": 16}
+
+
+def _context(run_config: dict, node_config: dict | None = None) -> Context:
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config=node_config or {},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
+
+@pytest.fixture
+def client(run_config) -> FlowerClient:
+    settings = RunSettings.from_run_config(run_config)
+    trainloader, valloader = load_data(1, NUM_PARTITIONS, settings.dataset, 16, 42)
+    return FlowerClient(Net(), trainloader, valloader, settings, partition_id=1)
+
+
+def test_fit_trains_and_counts_examples_not_batches(client):
+    set_seed(0)
+    initial = get_parameters(Net())
+    params, num_examples, metrics = client.fit(initial, {"server-round": 1})
+    assert num_examples == int(NUM_TRAIN / NUM_PARTITIONS * 0.8)  # 48, not 3 batches
+    assert [p.shape for p in params] == [p.shape for p in initial]
+    assert [p.dtype for p in params] == [p.dtype for p in initial]
+    assert any(not np.array_equal(a, b) for a, b in zip(params, initial, strict=True))
+    assert metrics["train_loss"] > 0
+
+
+def test_fit_is_reproducible_for_the_same_round(client):
+    initial = get_parameters(Net())
+    first, _, _ = client.fit(initial, {"server-round": 3})
+    again, _, _ = client.fit(initial, {"server-round": 3})
+    other, _, _ = client.fit(initial, {"server-round": 4})
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_evaluate_returns_loss_examples_and_accuracy(client):
+    loss, num_examples, metrics = client.evaluate(get_parameters(Net()), {})
+    assert isinstance(loss, float) and loss > 0
+    assert num_examples == NUM_TRAIN // NUM_PARTITIONS - 48
+    assert set(metrics) == {"accuracy"}
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_client_fn_builds_the_client_of_its_partition(run_config):
+    node_config = {"partition-id": 2, "num-partitions": NUM_PARTITIONS}
+    client = client_fn(_context(run_config, node_config))
+    res = client.get_parameters(GetParametersIns(config={}))  # a flwr Client
+    assert len(parameters_to_ndarrays(res.parameters)) == len(get_parameters(Net()))
+    numpy_client = client.numpy_client
+    assert numpy_client.partition_id == 2
+    assert len(numpy_client.trainloader.dataset) == 48
+    assert numpy_client.trainloader.batch_size == 16
+
+
+def test_client_fn_refuses_a_partition_outside_the_federation(run_config):
+    node_config = {"partition-id": 4, "num-partitions": NUM_PARTITIONS}
+    with pytest.raises(ValueError, match=r"'partition-id' = 4 .*\[0, 4\)"):
+        client_fn(_context(run_config, node_config))
+
+
+def test_weighted_average_weighs_by_examples():
+    metrics = [
+        (10, {"accuracy": 0.5, "train_loss": 2.0, "note": "x"}),
+        (30, {"accuracy": 0.9, "train_loss": 1.0}),
+    ]
+    assert weighted_average(metrics) == pytest.approx(
+        {"accuracy": 0.8, "train_loss": 1.25}
+    )
+    assert weighted_average([(0, {"accuracy": 1.0})]) == {}
+    assert weighted_average([]) == {}
+
+
+def test_server_fn_builds_fedavg_from_the_run_config(run_config):
+    run_config |= {"num-server-rounds": 3, "fraction-evaluate": 0.25}
+    components = server_fn(_context(run_config))
+    strategy = components.strategy
+    assert isinstance(strategy, FedAvg)
+    assert components.config.num_rounds == 3
+    assert strategy.fraction_fit == 1.0
+    assert strategy.fraction_evaluate == 0.25
+    assert strategy.min_fit_clients == 10
+    assert strategy.min_evaluate_clients == 5
+    assert strategy.min_available_clients == 10
+    assert strategy.evaluate_metrics_aggregation_fn is weighted_average
+    assert strategy.on_fit_config_fn(2) == {"server-round": 2}
+
+
+def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
+    def initial(seed: int) -> list[np.ndarray]:
+        strategy = server_fn(_context(run_config | {"seed": seed})).strategy
+        return parameters_to_ndarrays(strategy.initial_parameters)
+
+    first, again, other = initial(1), initial(1), initial(2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_too_few_nodes_end_the_run_with_what_to_change():
+    manager = BoundedClientManager(timeout=0.2)
+    with pytest.raises(RuntimeError) as err:
+        manager.sample(num_clients=10, min_num_clients=10)
+    message = str(err.value)
+    assert "needs 10 SuperNodes but only 0 connected" in message
+    assert '--federation-config "num-supernodes=10"' in message

@@ -1,0 +1,77 @@
+"""Run-config and node-config checking: every bad value names key, value, rule."""
+
+import re
+
+import pytest
+from conftest import default_run_config
+
+from flower_tutorial.config import NodeSettings, RunSettings
+
+
+def test_defaults_reproduce_the_tutorial():
+    settings = RunSettings.from_run_config(default_run_config())
+    assert settings.num_server_rounds == 5
+    assert settings.fraction_fit == 1.0
+    assert settings.fraction_evaluate == 0.5
+    assert settings.min_fit_clients == 10
+    assert settings.min_evaluate_clients == 5
+    assert settings.min_available_clients == 10
+    assert settings.local_epochs == 1
+    assert settings.batch_size == 32
+    assert settings.learning_rate == 0.001  # Adam's default, as the tutorial
+    assert settings.dataset == "uoft-cs/cifar10"
+    assert settings.seed == 42
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("num-server-rounds", 0, "an integer >= 1"),
+        ("num-server-rounds", 2.5, "an integer >= 1"),
+        ("num-server-rounds", True, "an integer >= 1"),
+        ("fraction-fit", 0.0, r"a number in \(0, 1.0\]"),
+        ("fraction-fit", 1.5, r"a number in \(0, 1.0\]"),
+        ("fraction-evaluate", -0.5, r"a number in \(0, 1.0\]"),
+        ("fraction-evaluate", "half", r"a number in \(0, 1.0\]"),
+        ("min-fit-clients", 0, "an integer >= 1"),
+        ("min-evaluate-clients", -1, "an integer >= 1"),
+        ("min-available-clients", "10", "an integer >= 1"),
+        ("local-epochs", 0, "an integer >= 1"),
+        ("batch-size", 0, "an integer >= 1"),
+        ("learning-rate", 0.0, "a number > 0"),
+        ("learning-rate", float("nan"), "a number > 0"),
+        ("learning-rate", float("inf"), "a number > 0"),
+        ("dataset", "", "a non-empty string"),
+        ("dataset", 10, "a non-empty string"),
+        ("seed", -1, "an integer >= 0"),
+        ("node-wait-timeout", 0, "a number > 0"),
+        ("round-timeout", -5.0, "a number > 0"),
+    ],
+)
+def test_bad_run_config_values_are_named(key, value, allowed):
+    config = default_run_config() | {key: value}
+    with pytest.raises(ValueError) as err:
+        RunSettings.from_run_config(config)
+    message = str(err.value)
+    assert f"'{key}' = {value!r}" in message
+    assert re.search(f"expected {allowed}", message)
+
+
+def test_a_missing_run_config_key_says_where_to_set_it():
+    config = default_run_config()
+    del config["batch-size"]
+    with pytest.raises(ValueError, match=r"no 'batch-size' key.*--run-config"):
+        RunSettings.from_run_config(config)
+
+
+def test_node_config_is_checked():
+    good = NodeSettings.from_node_config({"partition-id": 9, "num-partitions": 10})
+    assert (good.partition_id, good.num_partitions) == (9, 10)
+    with pytest.raises(ValueError, match=r"'partition-id' = 10 .*\[0, 10\)"):
+        NodeSettings.from_node_config({"partition-id": 10, "num-partitions": 10})
+    with pytest.raises(ValueError, match=r"'partition-id' = -1 .*>= 0"):
+        NodeSettings.from_node_config({"partition-id": -1, "num-partitions": 10})
+    with pytest.raises(ValueError, match=r"'num-partitions' = 0 .*>= 1"):
+        NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 0})
+    with pytest.raises(ValueError, match=r"no 'partition-id' key.*--node-config"):
+        NodeSettings.from_node_config({"num-partitions": 2})
