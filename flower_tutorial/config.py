@@ -44,12 +44,17 @@ def _float(
     source: str,
     *,
     upper: float = math.inf,
+    zero_allowed: bool = False,
 ) -> float:
-    """Read a finite float in (0, upper]; TOML integers are accepted too."""
+    """Read a finite float in (0, upper], or [0, upper]; TOML integers count too."""
     value = _get(config, key, source)
-    valid = isinstance(value, int | float) and not isinstance(value, bool)
-    if not valid or not 0 < value <= upper or not math.isfinite(value):
-        allowed = "a number > 0" if math.isinf(upper) else f"a number in (0, {upper}]"
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    above_low = number and (value >= 0 if zero_allowed else value > 0)
+    if not above_low or not math.isfinite(value) or value > upper:
+        if math.isinf(upper):
+            allowed = "a number >= 0" if zero_allowed else "a number > 0"
+        else:
+            allowed = f"a number in {'[' if zero_allowed else '('}0, {upper}]"
         raise ValueError(
             f"{source} key '{key}' = {value!r} is not allowed: expected {allowed}."
         )
@@ -91,7 +96,9 @@ class RunSettings:
         return cls(
             num_server_rounds=_int(run_config, "num-server-rounds", 1, src),
             fraction_fit=_float(run_config, "fraction-fit", src, upper=1.0),
-            fraction_evaluate=_float(run_config, "fraction-evaluate", src, upper=1.0),
+            fraction_evaluate=_float(
+                run_config, "fraction-evaluate", src, upper=1.0, zero_allowed=True
+            ),
             min_fit_clients=_int(run_config, "min-fit-clients", 1, src),
             min_evaluate_clients=_int(run_config, "min-evaluate-clients", 1, src),
             min_available_clients=_int(run_config, "min-available-clients", 1, src),

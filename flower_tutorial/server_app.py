@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from flwr.common import Context, Metrics, Scalar, ndarrays_to_parameters
+from flwr.common import (
+    Context,
+    EvaluateRes,
+    FitRes,
+    Metrics,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+)
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -31,6 +39,51 @@ def weighted_average(metrics: list[tuple[int, Metrics]]) -> Metrics:
     return {
         key: sum(n * float(m[key]) for n, m in metrics) / total for key in numeric_keys
     }
+
+
+def _describe(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
+    if isinstance(failure, BaseException):
+        return f"{type(failure).__name__}: {failure}"
+    return failure[1].status.message
+
+
+def _raise_if_all_failed(
+    stage: str, server_round: int, results: list, failures: list
+) -> None:
+    if failures and not results:
+        raise RuntimeError(
+            f"All {len(failures)} clients failed in round {server_round} ({stage}); "
+            f"the first said: {_describe(failures[0])}"
+        )
+
+
+class TutorialFedAvg(FedAvg):
+    """FedAvg that ends the run when every client of a round failed.
+
+    Flower's FedAvg skips such a round and carries on, so a setting that breaks
+    every client (a wrong dataset path, say) would run all rounds and report
+    nothing. Rounds where only some clients fail still go on, as in FedAvg.
+    """
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Average the results; raise if there are none but failures."""
+        _raise_if_all_failed("fit", server_round, results, failures)
+        return super().aggregate_fit(server_round, results, failures)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Average the losses and metrics; raise if there are none but failures."""
+        _raise_if_all_failed("evaluate", server_round, results, failures)
+        return super().aggregate_evaluate(server_round, results, failures)
 
 
 class BoundedClientManager(SimpleClientManager):
@@ -73,11 +126,13 @@ def fit_config(server_round: int) -> dict[str, Scalar]:
 def server_fn(context: Context) -> ServerAppComponents:
     """Build FedAvg, the round count and the client manager from the run config."""
     settings = RunSettings.from_run_config(context.run_config)
-    # Seeds the initial model and FedAvg's client sampling (Python's `random`).
+    # Seeds the initial model. FedAvg's sampling draws from Python's `random` too,
+    # but over node IDs that Flower makes anew each run, so *which* clients are
+    # sampled still varies between runs.
     set_seed(settings.seed)
     # Initial model made here, so no client is asked for its random weights.
     initial_parameters = ndarrays_to_parameters(get_parameters(Net()))
-    strategy = FedAvg(
+    strategy = TutorialFedAvg(
         fraction_fit=settings.fraction_fit,
         fraction_evaluate=settings.fraction_evaluate,
         min_fit_clients=settings.min_fit_clients,

@@ -63,6 +63,9 @@ def set_seed(*seed: int) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
+    # cuDNN otherwise picks convolution algorithms whose results vary run to run.
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def get_parameters(net: nn.Module) -> list[np.ndarray]:
@@ -110,8 +113,8 @@ def train(
     num_samples = 0
     for _ in range(epochs):
         for batch in trainloader:
-            images = batch[IMAGE_KEY].to(device, non_blocking=True)
-            labels = batch[LABEL_KEY].to(device, non_blocking=True)
+            images = batch[IMAGE_KEY].to(device)
+            labels = batch[LABEL_KEY].to(device)
             optimizer.zero_grad()
             loss = criterion(net(images), labels)
             loss.backward()
@@ -135,8 +138,8 @@ def test(
     num_samples = 0
     with torch.no_grad():
         for batch in testloader:
-            images = batch[IMAGE_KEY].to(device, non_blocking=True)
-            labels = batch[LABEL_KEY].to(device, non_blocking=True)
+            images = batch[IMAGE_KEY].to(device)
+            labels = batch[LABEL_KEY].to(device)
             outputs = net(images)
             loss_sum += criterion(outputs, labels)
             correct += (outputs.argmax(dim=1) == labels).sum()

@@ -103,17 +103,26 @@ def test_weighted_average_weighs_by_examples():
 
 
 def test_server_fn_builds_fedavg_from_the_run_config(run_config):
-    run_config |= {"num-server-rounds": 3, "fraction-evaluate": 0.25}
+    run_config |= {
+        "num-server-rounds": 3,
+        "fraction-evaluate": 0.25,
+        "round-timeout": 30.0,
+        "node-wait-timeout": 7.5,
+    }
     components = server_fn(_context(run_config))
     strategy = components.strategy
     assert isinstance(strategy, FedAvg)
     assert components.config.num_rounds == 3
+    assert components.config.round_timeout == 30.0
+    assert isinstance(components.client_manager, BoundedClientManager)
+    assert components.client_manager.timeout == 7.5
     assert strategy.fraction_fit == 1.0
     assert strategy.fraction_evaluate == 0.25
     assert strategy.min_fit_clients == 10
     assert strategy.min_evaluate_clients == 5
     assert strategy.min_available_clients == 10
     assert strategy.evaluate_metrics_aggregation_fn is weighted_average
+    assert strategy.fit_metrics_aggregation_fn is weighted_average
     assert strategy.on_fit_config_fn(2) == {"server-round": 2}
 
 
@@ -125,6 +134,17 @@ def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
     first, again, other = initial(1), initial(1), initial(2)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not np.array_equal(first[0], other[0])
+
+
+def test_a_round_where_every_client_failed_ends_the_run(run_config):
+    strategy = server_fn(_context(run_config)).strategy
+    failures = [ValueError("dataset folder not found"), RuntimeError("boom")]
+    with pytest.raises(RuntimeError, match=r"All 2 clients failed in round 3 \(fit\)"):
+        strategy.aggregate_fit(3, [], failures)
+    with pytest.raises(RuntimeError, match="ValueError: dataset folder not found"):
+        strategy.aggregate_evaluate(1, [], failures)
+    # Nothing to aggregate and nothing failed (e.g. no evaluation): no error.
+    assert strategy.aggregate_evaluate(1, [], []) == (None, {})
 
 
 def test_too_few_nodes_end_the_run_with_what_to_change():

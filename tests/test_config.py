@@ -21,6 +21,13 @@ def test_defaults_reproduce_the_tutorial():
     assert settings.learning_rate == 0.001  # Adam's default, as the tutorial
     assert settings.dataset == "uoft-cs/cifar10"
     assert settings.seed == 42
+    assert settings.node_wait_timeout == 120.0
+    assert settings.round_timeout == 3600.0
+
+
+def test_fraction_evaluate_zero_turns_federated_evaluation_off():
+    config = default_run_config() | {"fraction-evaluate": 0}
+    assert RunSettings.from_run_config(config).fraction_evaluate == 0.0
 
 
 @pytest.mark.parametrize(
@@ -31,8 +38,9 @@ def test_defaults_reproduce_the_tutorial():
         ("num-server-rounds", True, "an integer >= 1"),
         ("fraction-fit", 0.0, r"a number in \(0, 1.0\]"),
         ("fraction-fit", 1.5, r"a number in \(0, 1.0\]"),
-        ("fraction-evaluate", -0.5, r"a number in \(0, 1.0\]"),
-        ("fraction-evaluate", "half", r"a number in \(0, 1.0\]"),
+        ("fraction-evaluate", -0.5, r"a number in \[0, 1.0\]"),
+        ("fraction-evaluate", 1.01, r"a number in \[0, 1.0\]"),
+        ("fraction-evaluate", "half", r"a number in \[0, 1.0\]"),
         ("min-fit-clients", 0, "an integer >= 1"),
         ("min-evaluate-clients", -1, "an integer >= 1"),
         ("min-available-clients", "10", "an integer >= 1"),

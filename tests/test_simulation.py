@@ -50,3 +50,19 @@ def test_too_few_supernodes_end_the_run_instead_of_waiting(run_python, cifar_dir
     assert code != 0
     assert "The strategy needs 10 SuperNodes but only 2 connected" in output
     assert '--federation-config "num-supernodes=10"' in output
+
+
+def test_a_setting_that_breaks_every_client_ends_the_run(run_python, tmp_path):
+    # Checked on the clients (the server cannot see their data): the first round
+    # fails everywhere, and the run ends with the clients' own message.
+    missing = str(tmp_path / "no-such-cifar10")
+    run_config = {
+        "dataset": missing,
+        "min-fit-clients": 2,
+        "min-evaluate-clients": 2,
+        "min-available-clients": 2,
+    }
+    code, output = _simulate(run_python, 2, run_config)
+    assert code != 0
+    assert "All 2 clients failed in round 1 (fit)" in output
+    assert "no-such-cifar10" in output

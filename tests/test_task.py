@@ -139,6 +139,28 @@ def test_same_seed_gives_the_same_model():
     assert not np.array_equal(first[0], third[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_and_parameter_exchange_on_cuda():
+    cuda = torch.device("cuda")
+    set_seed(3)
+    net, loader = Net(), _learnable_loader()
+    train(net, loader, epochs=10, learning_rate=0.01, device=cuda)
+    assert all(p.is_cuda for p in net.parameters())
+    loss, accuracy = task.test(net, loader, cuda)
+    assert accuracy > 0.5
+    # What the client sends: CPU arrays, whatever device trained them.
+    sent = get_parameters(net)
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in sent)
+    on_gpu, on_cpu = Net().to(cuda), Net()
+    set_parameters(on_gpu, sent)
+    set_parameters(on_cpu, sent)
+    assert all(p.is_cuda for p in on_gpu.parameters())
+    assert task.test(on_gpu, loader, cuda) == (loss, accuracy)
+    cpu_loss, cpu_accuracy = task.test(on_cpu, loader, CPU)
+    assert cpu_loss == pytest.approx(loss, rel=1e-4)
+    assert cpu_accuracy == accuracy
+
+
 def test_device_is_cuda_only_when_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert get_device().type == "cuda"
