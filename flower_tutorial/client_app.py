@@ -7,7 +7,12 @@ from flwr.common import Config, Context, NDArrays, Scalar
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flower_tutorial.config import NodeSettings, RunSettings
+from flower_tutorial.config import (
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    NodeSettings,
+    RunSettings,
+)
 from flower_tutorial.task import (
     Net,
     get_device,
@@ -29,13 +34,14 @@ class FlowerClient(NumPyClient):
         trainloader: DataLoader,
         valloader: DataLoader,
         settings: RunSettings,
-        partition_id: int,
+        node: NodeSettings,
     ) -> None:
         self.net = net
         self.trainloader = trainloader
         self.valloader = valloader
         self.settings = settings
-        self.partition_id = partition_id
+        self.partition_id = node.partition_id
+        self.num_partitions = node.num_partitions
         self.device = get_device()
 
     def get_parameters(self, config: Config) -> NDArrays:
@@ -61,7 +67,8 @@ class FlowerClient(NumPyClient):
             device=self.device,
         )
         num_examples = len(self.trainloader.dataset)
-        return get_parameters(self.net), num_examples, {"train_loss": train_loss}
+        metrics = {"train_loss": train_loss, **self.identity()}
+        return get_parameters(self.net), num_examples, metrics
 
     def evaluate(
         self, parameters: NDArrays, config: Config
@@ -69,7 +76,12 @@ class FlowerClient(NumPyClient):
         """Evaluate the received model on the local validation data."""
         set_parameters(self.net, parameters)
         loss, accuracy = test(self.net, self.valloader, self.device)
-        return loss, len(self.valloader.dataset), {"accuracy": accuracy}
+        metrics = {"accuracy": accuracy, **self.identity()}
+        return loss, len(self.valloader.dataset), metrics
+
+    def identity(self) -> dict[str, Scalar]:
+        """Tell the server which partition this is, for reproducible sampling."""
+        return {PARTITION_ID: self.partition_id, NUM_PARTITIONS: self.num_partitions}
 
 
 def client_fn(context: Context) -> Client:
@@ -77,15 +89,9 @@ def client_fn(context: Context) -> Client:
     settings = RunSettings.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     trainloader, valloader = load_data(
-        partition_id=node.partition_id,
-        num_partitions=node.num_partitions,
-        dataset=settings.dataset,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
+        node.partition_id, node.num_partitions, settings.data
     )
-    return FlowerClient(
-        Net(), trainloader, valloader, settings, node.partition_id
-    ).to_client()
+    return FlowerClient(Net(), trainloader, valloader, settings, node).to_client()
 
 
 app = ClientApp(client_fn=client_fn)

@@ -11,7 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from flwr.common.config import get_fused_config_from_dir
+
+# The app's root, where pyproject.toml holds the run config's defaults.
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def app_run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return pyproject.toml's run config with `overrides`, as `flwr run` fuses it.
+
+    For entry points outside `flwr run` (notebooks, the centralized baseline); an
+    unknown key is an error. Needs the source checkout (``pip install -e .``).
+    """
+    return dict(get_fused_config_from_dir(APP_DIR, dict(overrides or {})))
+
 
 _WHERE_TO_SET = {
     "run config": "in [tool.flwr.app.config] of pyproject.toml or with "
@@ -61,14 +77,73 @@ def _float(
     return float(value)
 
 
-def _str(config: Mapping[str, Any], key: str, source: str) -> str:
+def _str(
+    config: Mapping[str, Any], key: str, source: str, *, empty_allowed: bool = False
+) -> str:
     value = _get(config, key, source)
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not (value.strip() or empty_allowed):
+        allowed = "a string" if empty_allowed else "a non-empty string"
         raise ValueError(
-            f"{source} key '{key}' = {value!r} is not allowed: "
-            "expected a non-empty string."
+            f"{source} key '{key}' = {value!r} is not allowed: expected {allowed}."
         )
     return value
+
+
+def _bool(config: Mapping[str, Any], key: str, source: str) -> bool:
+    value = _get(config, key, source)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{source} key '{key}' = {value!r} is not allowed: expected true or false."
+        )
+    return value
+
+
+def _choice(
+    config: Mapping[str, Any], key: str, choices: tuple[str, ...], source: str
+) -> str:
+    value = _get(config, key, source)
+    if value not in choices:
+        raise ValueError(
+            f"{source} key '{key}' = {value!r} is not allowed: "
+            f"expected one of {', '.join(repr(c) for c in choices)}."
+        )
+    return value
+
+
+PARTITIONERS = ("iid", "dirichlet", "shards")
+
+# Node-config keys; clients also echo them in their metrics, so that the server
+# knows which partition a result came from.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the data comes from and how it is split among the organizations.
+
+    Frozen and hashable: it keys the per-process cache of FederatedDatasets.
+    """
+
+    dataset: str
+    partitioner: str
+    dirichlet_alpha: float
+    shards_per_partition: int
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> DataSettings:
+        """Read and check the data keys of ``context.run_config``."""
+        src = "run config"
+        return cls(
+            dataset=_str(run_config, "dataset", src),
+            partitioner=_choice(run_config, "partitioner", PARTITIONERS, src),
+            dirichlet_alpha=_float(run_config, "dirichlet-alpha", src),
+            shards_per_partition=_int(run_config, "shards-per-partition", 1, src),
+            batch_size=_int(run_config, "batch-size", 1, src),
+            seed=_int(run_config, "seed", 0, src),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,12 +157,19 @@ class RunSettings:
     min_evaluate_clients: int
     min_available_clients: int
     local_epochs: int
-    batch_size: int
     learning_rate: float
-    dataset: str
-    seed: int
+    data: DataSettings
     node_wait_timeout: float
     round_timeout: float
+    centralized_evaluation: bool
+    initial_checkpoint: str
+    output_dir: str
+    save_best_model: bool
+
+    @property
+    def seed(self) -> int:
+        """The run's one seed (kept with the data settings it also seeds)."""
+        return self.data.seed
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -103,12 +185,16 @@ class RunSettings:
             min_evaluate_clients=_int(run_config, "min-evaluate-clients", 1, src),
             min_available_clients=_int(run_config, "min-available-clients", 1, src),
             local_epochs=_int(run_config, "local-epochs", 1, src),
-            batch_size=_int(run_config, "batch-size", 1, src),
             learning_rate=_float(run_config, "learning-rate", src),
-            dataset=_str(run_config, "dataset", src),
-            seed=_int(run_config, "seed", 0, src),
+            data=DataSettings.from_run_config(run_config),
             node_wait_timeout=_float(run_config, "node-wait-timeout", src),
             round_timeout=_float(run_config, "round-timeout", src),
+            centralized_evaluation=_bool(run_config, "centralized-evaluation", src),
+            initial_checkpoint=_str(
+                run_config, "initial-checkpoint", src, empty_allowed=True
+            ),
+            output_dir=_str(run_config, "output-dir", src),
+            save_best_model=_bool(run_config, "save-best-model", src),
         )
 
 
@@ -123,8 +209,8 @@ class NodeSettings:
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
         """Read and check ``context.node_config``; raise ValueError on a bad value."""
         src = "node config"
-        num_partitions = _int(node_config, "num-partitions", 1, src)
-        partition_id = _int(node_config, "partition-id", 0, src)
+        num_partitions = _int(node_config, NUM_PARTITIONS, 1, src)
+        partition_id = _int(node_config, PARTITION_ID, 0, src)
         if partition_id >= num_partitions:
             raise ValueError(
                 f"node config key 'partition-id' = {partition_id} is not allowed: "

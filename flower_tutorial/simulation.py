@@ -2,38 +2,26 @@
 
 `flwr run .` is the way to run the app; this module keeps the tutorial's Python
 entry working: it fuses the run config of ``pyproject.toml`` with overrides (which
-`run_simulation` alone does not read) and returns Flower's History of the run.
+`run_simulation` alone does not read) and returns Flower's History of the run
+(the run's output folder holds the same and more, see recording.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from flwr.client import Client, ClientApp
 from flwr.common import Context
-from flwr.common.config import get_fused_config_from_dir
-from flwr.server import History, Server, ServerApp, ServerAppComponents
+from flwr.server import History, ServerApp, ServerAppComponents
 from flwr.simulation import run_simulation
 
 from flower_tutorial.client_app import client_fn
+from flower_tutorial.config import app_run_config
+from flower_tutorial.recording import RecordingServer
 from flower_tutorial.server_app import server_fn
 from flower_tutorial.task import get_device
-
-# The app's root, where pyproject.toml holds the run config's defaults.
-APP_DIR = Path(__file__).resolve().parent.parent
-
-
-class _RecordingServer(Server):
-    """A Server that keeps the History that `run_simulation` would discard."""
-
-    history: History | None = None
-
-    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        self.history, elapsed = super().fit(num_rounds, timeout)
-        return self.history, elapsed
 
 
 def default_backend_config() -> dict[str, Any]:
@@ -46,7 +34,6 @@ def run_tutorial_simulation(
     num_supernodes: int = 10,
     run_config: Mapping[str, Any] | None = None,
     backend_config: Mapping[str, Any] | None = None,
-    app_dir: Path = APP_DIR,
 ) -> History:
     """Simulate the federation in this process and return its History.
 
@@ -55,16 +42,13 @@ def run_tutorial_simulation(
     `default_backend_config`). Each SuperNode gets ``partition-id`` and
     ``num-partitions = num_supernodes`` in its node config.
     """
-    fused = get_fused_config_from_dir(app_dir, dict(run_config or {}))
-    servers: list[_RecordingServer] = []
+    fused = app_run_config(run_config)
+    servers: list[RecordingServer] = []
 
     def _server_fn(context: Context) -> ServerAppComponents:
         components = server_fn(replace(context, run_config=fused))
-        server = _RecordingServer(
-            client_manager=components.client_manager, strategy=components.strategy
-        )
-        servers.append(server)
-        return ServerAppComponents(server=server, config=components.config)
+        servers.append(components.server)
+        return components
 
     def _client_fn(context: Context) -> Client:
         # A copy: Flower rejects a ClientApp that changes its context's run_config.

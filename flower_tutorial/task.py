@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,20 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - PyTorch's own convention
 from datasets import Dataset, load_dataset
 from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import IidPartitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    ShardPartitioner,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import Compose, Normalize, ToTensor
+
+from flower_tutorial.config import DataSettings
+
+# A batch as the loaders yield it: {"img": images, "label": labels}.
+Batch = dict[str, torch.Tensor]
 
 # Columns of `uoft-cs/cifar10`; a local folder must use the same schema.
 IMAGE_KEY = "img"
@@ -98,7 +109,7 @@ def set_parameters(net: nn.Module, parameters: list[np.ndarray]) -> None:
 
 def train(
     net: nn.Module,
-    trainloader: DataLoader,
+    trainloader: Iterable[Batch],
     epochs: int,
     learning_rate: float,
     device: torch.device,
@@ -127,9 +138,12 @@ def train(
 
 
 def test(
-    net: nn.Module, testloader: DataLoader, device: torch.device
+    net: nn.Module, testloader: Iterable[Batch], device: torch.device
 ) -> tuple[float, float]:
-    """Evaluate the model; return (mean cross-entropy per sample, accuracy)."""
+    """Evaluate the model; return (mean cross-entropy per sample, accuracy).
+
+    Any iterable of batches works, e.g. a list of batches decoded once.
+    """
     net.to(device)
     net.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -184,43 +198,97 @@ def _check_schema(split: Dataset, dataset: str) -> None:
         )
 
 
+def make_partitioner(data: DataSettings, num_partitions: int) -> Partitioner:
+    """Return the flwr-datasets partitioner that `data.partitioner` names.
+
+    "iid": equal random shares (the tutorial); "dirichlet": label proportions per
+    organization drawn from Dir(alpha), smaller alpha = more skew; "shards": the
+    train split sorted by label and dealt out in `shards-per-partition` shards.
+    """
+    if data.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL_KEY,
+            alpha=data.dirichlet_alpha,
+            seed=data.seed,
+        )
+    if data.partitioner == "shards":
+        return ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL_KEY,
+            num_shards_per_partition=data.shards_per_partition,
+            seed=data.seed,
+        )
+    return IidPartitioner(num_partitions=num_partitions)
+
+
 @lru_cache(maxsize=4)
-def _federated_dataset(
-    dataset: str, num_partitions: int, seed: int
-) -> FederatedDataset:
+def _federated_dataset(data: DataSettings, num_partitions: int) -> FederatedDataset:
     """Build the FederatedDataset once per process and reuse it across rounds."""
     return FederatedDataset(
-        dataset=dataset_source(dataset),
-        partitioners={"train": IidPartitioner(num_partitions=num_partitions)},
-        seed=seed,
+        dataset=dataset_source(data.dataset),
+        partitioners={"train": make_partitioner(data, num_partitions)},
+        seed=data.seed,
     )
+
+
+def load_partition(
+    partition_id: int, num_partitions: int, data: DataSettings
+) -> Dataset:
+    """Return one organization's raw partition (PIL images, integer labels)."""
+    partition = _federated_dataset(data, num_partitions).load_partition(partition_id)
+    _check_schema(partition, data.dataset)
+    if len(partition) < 2:
+        raise ValueError(
+            f"partition {partition_id} of {num_partitions} holds {len(partition)} "
+            f"image(s) with partitioner {data.partitioner!r}: too few to split into "
+            "training and validation data. Use fewer partitions or less skew."
+        )
+    return partition
 
 
 def load_data(
-    partition_id: int,
-    num_partitions: int,
-    dataset: str,
-    batch_size: int,
-    seed: int,
+    partition_id: int, num_partitions: int, data: DataSettings
 ) -> tuple[DataLoader, DataLoader]:
-    """Load one IID partition of the train split as (trainloader, valloader).
+    """Load one organization's partition of the train split as (train, val) loaders.
 
-    The partition is split 80/20 into training and validation data with `seed`
-    (the tutorial's 42 by default), so every client holds its own validation set.
+    The partition is split 80/20 into training and validation data with the run's
+    seed (the tutorial's 42 by default), so every client holds its own validation set.
     """
-    partition = _federated_dataset(dataset, num_partitions, seed).load_partition(
-        partition_id
-    )
-    _check_schema(partition, dataset)
-    splits = partition.train_test_split(test_size=0.2, seed=seed)
+    partition = load_partition(partition_id, num_partitions, data)
+    splits = partition.train_test_split(test_size=0.2, seed=data.seed)
     splits = splits.with_transform(apply_transforms)
-    trainloader = DataLoader(splits["train"], batch_size=batch_size, shuffle=True)
-    valloader = DataLoader(splits["test"], batch_size=batch_size)
+    trainloader = DataLoader(splits["train"], batch_size=data.batch_size, shuffle=True)
+    valloader = DataLoader(splits["test"], batch_size=data.batch_size)
     return trainloader, valloader
 
 
-def load_test_data(dataset: str, batch_size: int) -> DataLoader:
+def load_test_data(data: DataSettings) -> DataLoader:
     """Load the dataset's whole test split (10,000 images for CIFAR-10)."""
-    split = load_dataset(dataset_source(dataset), split="test")
-    _check_schema(split, dataset)
-    return DataLoader(split.with_transform(apply_transforms), batch_size=batch_size)
+    split = load_dataset(dataset_source(data.dataset), split="test")
+    _check_schema(split, data.dataset)
+    return DataLoader(
+        split.with_transform(apply_transforms), batch_size=data.batch_size
+    )
+
+
+def class_names(data: DataSettings) -> list[str]:
+    """Return the names of the label classes, in label order."""
+    split = load_dataset(dataset_source(data.dataset), split="test")
+    return list(split.features[LABEL_KEY].names)
+
+
+def label_counts(data: DataSettings, num_partitions: int) -> np.ndarray:
+    """Return how many images of each class every partition holds.
+
+    Shape (num_partitions, num_classes); row i is what organization i trains and
+    validates on.
+    """
+    num_classes = len(class_names(data))
+    fds = _federated_dataset(data, num_partitions)
+    return np.stack(
+        [
+            np.bincount(fds.load_partition(pid)[LABEL_KEY], minlength=num_classes)
+            for pid in range(num_partitions)
+        ]
+    )

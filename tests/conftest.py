@@ -25,6 +25,8 @@ from datasets import ClassLabel, Dataset, Features, Image  # noqa: E402
 from flwr.common.config import get_project_config  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
+from flower_tutorial.config import DataSettings  # noqa: E402
+
 CIFAR10_CLASSES = [
     "airplane",
     "automobile",
@@ -50,6 +52,12 @@ def default_run_config() -> dict:
     return dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
 
 
+def data_settings(dataset: Path, **overrides: object) -> DataSettings:
+    """The default data settings on a local folder, with run-config overrides."""
+    config = default_run_config() | {"dataset": str(dataset)} | overrides
+    return DataSettings.from_run_config(config)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_HF_HOME, ignore_errors=True)
 
@@ -60,10 +68,11 @@ def make_split(num_images: int, seed: int) -> Dataset:
     Every image is unique (noise), so partitions can be told apart by content, and
     the colour makes the labels learnable by the tutorial's CNN in a few steps.
     """
+    # One palette for every split, so what is learned on train holds on test.
+    palette = np.random.default_rng(1234).integers(0, 256, size=(10, 3))
     rng = np.random.default_rng(seed)
     labels = np.arange(num_images) % len(CIFAR10_CLASSES)
     rng.shuffle(labels)
-    palette = rng.integers(0, 256, size=(len(CIFAR10_CLASSES), 3))
     images = []
     for label in labels:
         noise = rng.integers(-40, 41, size=(32, 32, 3))
@@ -138,13 +147,12 @@ def _kill_descendants() -> dict[int, str]:
     return left
 
 
-@pytest.fixture
-def run_python() -> Iterator[Callable[[str, float], tuple[int, str]]]:
-    """Run Python code in a child process -> (exit code, output).
+def _python_runner() -> Iterator[Callable[[str, float], tuple[int, str]]]:
+    """Run Python code in child processes -> (exit code, output).
 
-    The test fails if the child outlives `timeout` or leaves processes behind.
-    Whatever the child started (Ray's GCS, raylet, workers) is stopped by PID when
-    the test ends, also when it fails or times out.
+    Fails if a child outlives `timeout` or leaves processes behind. Whatever the
+    children started (Ray's GCS, raylet, workers) is stopped by PID at teardown,
+    also when the test fails or times out.
     """
     _set_child_subreaper()
 
@@ -177,3 +185,15 @@ def run_python() -> Iterator[Callable[[str, float], tuple[int, str]]]:
         time.sleep(0.5)
     left = _kill_descendants()
     assert not left, f"processes left running by the test (now killed): {left}"
+
+
+@pytest.fixture
+def run_python() -> Iterator[Callable[[str, float], tuple[int, str]]]:
+    """`_python_runner` for one test."""
+    yield from _python_runner()
+
+
+@pytest.fixture(scope="module")
+def run_python_module() -> Iterator[Callable[[str, float], tuple[int, str]]]:
+    """`_python_runner` shared by a module's tests (for costly runs made once)."""
+    yield from _python_runner()

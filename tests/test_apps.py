@@ -12,20 +12,21 @@ from flwr.common import (
 from flwr.server.strategy import FedAvg
 
 from flower_tutorial.client_app import FlowerClient, client_fn
-from flower_tutorial.config import RunSettings
-from flower_tutorial.server_app import (
-    BoundedClientManager,
-    server_fn,
-    weighted_average,
-)
+from flower_tutorial.config import NodeSettings, RunSettings
+from flower_tutorial.server_app import server_fn, weighted_average
+from flower_tutorial.strategy import BoundedClientManager
 from flower_tutorial.task import Net, get_parameters, load_data, set_seed
 
 NUM_PARTITIONS = 4
 
 
 @pytest.fixture
-def run_config(cifar_dir) -> dict:
-    return default_run_config() | {"dataset": str(cifar_dir), "batch-size": 16}
+def run_config(cifar_dir, tmp_path) -> dict:
+    return default_run_config() | {
+        "dataset": str(cifar_dir),
+        "batch-size": 16,
+        "output-dir": str(tmp_path / "outputs"),
+    }
 
 
 def _context(run_config: dict, node_config: dict | None = None) -> Context:
@@ -41,8 +42,9 @@ def _context(run_config: dict, node_config: dict | None = None) -> Context:
 @pytest.fixture
 def client(run_config) -> FlowerClient:
     settings = RunSettings.from_run_config(run_config)
-    trainloader, valloader = load_data(1, NUM_PARTITIONS, settings.dataset, 16, 42)
-    return FlowerClient(Net(), trainloader, valloader, settings, partition_id=1)
+    node = NodeSettings(partition_id=1, num_partitions=NUM_PARTITIONS)
+    trainloader, valloader = load_data(1, NUM_PARTITIONS, settings.data)
+    return FlowerClient(Net(), trainloader, valloader, settings, node)
 
 
 def test_fit_trains_and_counts_examples_not_batches(client):
@@ -54,6 +56,7 @@ def test_fit_trains_and_counts_examples_not_batches(client):
     assert [p.dtype for p in params] == [p.dtype for p in initial]
     assert any(not np.array_equal(a, b) for a, b in zip(params, initial, strict=True))
     assert metrics["train_loss"] > 0
+    assert (metrics["partition-id"], metrics["num-partitions"]) == (1, NUM_PARTITIONS)
 
 
 def test_fit_is_reproducible_for_the_same_round(client):
@@ -69,7 +72,8 @@ def test_evaluate_returns_loss_examples_and_accuracy(client):
     loss, num_examples, metrics = client.evaluate(get_parameters(Net()), {})
     assert isinstance(loss, float) and loss > 0
     assert num_examples == NUM_TRAIN // NUM_PARTITIONS - 48
-    assert set(metrics) == {"accuracy"}
+    assert set(metrics) == {"accuracy", "partition-id", "num-partitions"}
+    assert (metrics["partition-id"], metrics["num-partitions"]) == (1, NUM_PARTITIONS)
     assert 0.0 <= metrics["accuracy"] <= 1.0
 
 
@@ -92,8 +96,8 @@ def test_client_fn_refuses_a_partition_outside_the_federation(run_config):
 
 def test_weighted_average_weighs_by_examples():
     metrics = [
-        (10, {"accuracy": 0.5, "train_loss": 2.0, "note": "x"}),
-        (30, {"accuracy": 0.9, "train_loss": 1.0}),
+        (10, {"accuracy": 0.5, "train_loss": 2.0, "note": "x", "partition-id": 0}),
+        (30, {"accuracy": 0.9, "train_loss": 1.0, "partition-id": 1}),
     ]
     assert weighted_average(metrics) == pytest.approx(
         {"accuracy": 0.8, "train_loss": 1.25}
@@ -110,12 +114,12 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
         "node-wait-timeout": 7.5,
     }
     components = server_fn(_context(run_config))
-    strategy = components.strategy
+    strategy = components.server.strategy
     assert isinstance(strategy, FedAvg)
     assert components.config.num_rounds == 3
     assert components.config.round_timeout == 30.0
-    assert isinstance(components.client_manager, BoundedClientManager)
-    assert components.client_manager.timeout == 7.5
+    assert isinstance(components.server.client_manager(), BoundedClientManager)
+    assert components.server.client_manager().timeout == 7.5
     assert strategy.fraction_fit == 1.0
     assert strategy.fraction_evaluate == 0.25
     assert strategy.min_fit_clients == 10
@@ -128,7 +132,7 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
 
 def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
     def initial(seed: int) -> list[np.ndarray]:
-        strategy = server_fn(_context(run_config | {"seed": seed})).strategy
+        strategy = server_fn(_context(run_config | {"seed": seed})).server.strategy
         return parameters_to_ndarrays(strategy.initial_parameters)
 
     first, again, other = initial(1), initial(1), initial(2)
@@ -137,7 +141,7 @@ def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
 
 
 def test_a_round_where_every_client_failed_ends_the_run(run_config):
-    strategy = server_fn(_context(run_config)).strategy
+    strategy = server_fn(_context(run_config)).server.strategy
     failures = [ValueError("dataset folder not found"), RuntimeError("boom")]
     with pytest.raises(RuntimeError, match=r"All 2 clients failed in round 3 \(fit\)"):
         strategy.aggregate_fit(3, [], failures)
@@ -148,7 +152,7 @@ def test_a_round_where_every_client_failed_ends_the_run(run_config):
 
 
 def test_too_few_nodes_end_the_run_with_what_to_change():
-    manager = BoundedClientManager(timeout=0.2)
+    manager = BoundedClientManager(timeout=0.2, seed=0)
     with pytest.raises(RuntimeError) as err:
         manager.sample(num_clients=10, min_num_clients=10)
     message = str(err.value)

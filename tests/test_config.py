@@ -17,12 +17,17 @@ def test_defaults_reproduce_the_tutorial():
     assert settings.min_evaluate_clients == 5
     assert settings.min_available_clients == 10
     assert settings.local_epochs == 1
-    assert settings.batch_size == 32
+    assert settings.data.batch_size == 32
     assert settings.learning_rate == 0.001  # Adam's default, as the tutorial
-    assert settings.dataset == "uoft-cs/cifar10"
-    assert settings.seed == 42
+    assert settings.data.dataset == "uoft-cs/cifar10"
+    assert settings.data.partitioner == "iid"
+    assert settings.seed == settings.data.seed == 42
     assert settings.node_wait_timeout == 120.0
     assert settings.round_timeout == 3600.0
+    assert settings.centralized_evaluation is True
+    assert settings.initial_checkpoint == ""
+    assert settings.output_dir == "outputs"
+    assert settings.save_best_model is True
 
 
 def test_fraction_evaluate_zero_turns_federated_evaluation_off():
@@ -54,6 +59,16 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
         ("seed", -1, "an integer >= 0"),
         ("node-wait-timeout", 0, "a number > 0"),
         ("round-timeout", -5.0, "a number > 0"),
+        ("partitioner", "pathological", "one of 'iid', 'dirichlet', 'shards'"),
+        ("partitioner", 1, "one of 'iid', 'dirichlet', 'shards'"),
+        ("dirichlet-alpha", 0.0, "a number > 0"),
+        ("dirichlet-alpha", -0.3, "a number > 0"),
+        ("shards-per-partition", 0, "an integer >= 1"),
+        ("centralized-evaluation", "yes", "true or false"),
+        ("centralized-evaluation", 1, "true or false"),
+        ("save-best-model", 0, "true or false"),
+        ("initial-checkpoint", 3, "a string"),
+        ("output-dir", "", "a non-empty string"),
     ],
 )
 def test_bad_run_config_values_are_named(key, value, allowed):

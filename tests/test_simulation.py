@@ -5,7 +5,10 @@ import json
 RESULT_PREFIX = "HISTORY_JSON="
 
 
-def _simulate(run_python, num_supernodes: int, run_config: dict) -> tuple[int, str]:
+def _simulate(
+    run_python, num_supernodes: int, run_config: dict, output_dir
+) -> tuple[int, str]:
+    run_config = run_config | {"output-dir": str(output_dir)}
     code = f"""
 import json
 from flower_tutorial.simulation import run_tutorial_simulation
@@ -20,7 +23,9 @@ print({RESULT_PREFIX!r} + json.dumps({{
     return run_python(code, timeout=240)
 
 
-def test_a_small_federation_trains_and_reports_accuracy(run_python, cifar_dir):
+def test_a_small_federation_trains_and_reports_accuracy(
+    run_python, cifar_dir, tmp_path
+):
     run_config = {
         "dataset": str(cifar_dir),
         "num-server-rounds": 2,
@@ -29,7 +34,7 @@ def test_a_small_federation_trains_and_reports_accuracy(run_python, cifar_dir):
         "min-available-clients": 3,
         "batch-size": 16,
     }
-    code, output = _simulate(run_python, 3, run_config)
+    code, output = _simulate(run_python, 3, run_config, tmp_path)
     assert code == 0, output[-4000:]
     line = next(x for x in output.splitlines() if x.startswith(RESULT_PREFIX))
     history = json.loads(line[len(RESULT_PREFIX) :])
@@ -42,11 +47,13 @@ def test_a_small_federation_trains_and_reports_accuracy(run_python, cifar_dir):
     assert output.count("aggregate_evaluate: received 2 results and 0 failures") == 2
 
 
-def test_too_few_supernodes_end_the_run_instead_of_waiting(run_python, cifar_dir):
+def test_too_few_supernodes_end_the_run_instead_of_waiting(
+    run_python, cifar_dir, tmp_path
+):
     # The tutorial's minimums (10 clients) on a federation of 2 SuperNodes: Flower
     # alone would wait a day; here the run ends after node-wait-timeout.
     run_config = {"dataset": str(cifar_dir), "node-wait-timeout": 3.0}
-    code, output = _simulate(run_python, 2, run_config)
+    code, output = _simulate(run_python, 2, run_config, tmp_path)
     assert code != 0
     assert "The strategy needs 10 SuperNodes but only 2 connected" in output
     assert '--federation-config "num-supernodes=10"' in output
@@ -58,11 +65,12 @@ def test_a_setting_that_breaks_every_client_ends_the_run(run_python, tmp_path):
     missing = str(tmp_path / "no-such-cifar10")
     run_config = {
         "dataset": missing,
+        "centralized-evaluation": False,  # else the server itself refuses the path
         "min-fit-clients": 2,
         "min-evaluate-clients": 2,
         "min-available-clients": 2,
     }
-    code, output = _simulate(run_python, 2, run_config)
+    code, output = _simulate(run_python, 2, run_config, tmp_path)
     assert code != 0
     assert "All 2 clients failed in round 1 (fit)" in output
     assert "no-such-cifar10" in output
