@@ -2,10 +2,11 @@
 
     python -m flower_tutorial.centralized --epochs 5
 
-trains the tutorial's CNN on one partition (partition 0 of 10 by default), prints
-the validation loss and accuracy after each epoch and the final test accuracy, and
-writes history.json, final_model.pt and accuracy/loss plots to a new folder under
-the run config's `output-dir`. It is the baseline a federation should beat.
+trains the tutorial's CNN (or `initial-checkpoint`) on one partition (partition 0
+of 10 by default), prints the validation loss and accuracy after each epoch and the
+final test accuracy, and writes history.json, final_model.pt and accuracy/loss plots
+to a new folder under the run config's `output-dir`. It is the baseline a federation
+should beat.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flwr.common.config import parse_config_args
 
 from flower_tutorial.config import NodeSettings, RunSettings, app_run_config
 from flower_tutorial.plots import plot_curves
-from flower_tutorial.recording import make_run_dir, write_json
+from flower_tutorial.recording import load_checkpoint, make_run_dir, write_json
 from flower_tutorial.task import (
     Net,
     get_device,
@@ -65,12 +66,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     set_seed(settings.seed)
     device = get_device()
-    trainloader, valloader = load_data(
-        node.partition_id, node.num_partitions, settings.data
-    )
-    testloader = load_test_data(settings.data)
-    run_dir = make_run_dir(settings.output_dir, "centralized")
-    net = Net().to(device)
+    try:
+        net = (
+            load_checkpoint(settings.initial_checkpoint)
+            if settings.initial_checkpoint
+            else Net()
+        ).to(device)
+        trainloader, valloader = load_data(
+            node.partition_id, node.num_partitions, settings.data
+        )
+        testloader = load_test_data(settings.data)
+        run_dir = make_run_dir(settings.output_dir, "centralized")
+    except ValueError as err:
+        parser.error(str(err))
     epochs = []
     for epoch in range(1, args.epochs + 1):
         set_seed(settings.seed, node.partition_id, epoch)

@@ -44,6 +44,10 @@ class FlowerClient(NumPyClient):
         self.num_partitions = node.num_partitions
         self.device = get_device()
 
+    def get_properties(self, config: Config) -> dict[str, Scalar]:
+        """Tell the server which partition this node holds."""
+        return self.identity()
+
     def get_parameters(self, config: Config) -> NDArrays:
         """Return the local model's parameters."""
         return get_parameters(self.net)

@@ -24,10 +24,9 @@ from flower_tutorial.task import (
     IMAGE_KEY,
     LABEL_KEY,
     Net,
-    apply_transforms,
     class_names,
     label_counts,
-    load_partition,
+    load_data,
     set_parameters,
 )
 
@@ -81,10 +80,16 @@ def write_json(obj: Any, path: Path) -> None:
 
 
 def save_model(parameters: Parameters, path: Path) -> None:
-    """Save global parameters as a Net state_dict (`torch.load` + `load_state_dict`)."""
+    """Save global parameters as a Net state_dict (`torch.load` + `load_state_dict`).
+
+    Through a temporary file, like history.json: an interrupted run never leaves a
+    truncated model behind.
+    """
     net = Net()
     set_parameters(net, parameters_to_ndarrays(parameters))
-    torch.save(net.state_dict(), path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)
 
 
 class RunRecorder:
@@ -128,14 +133,15 @@ class RunRecorder:
         if server_round == 0 and len(entry) == 1:
             del self.rounds[0]  # no centralized evaluation: round 0 has nothing
             return
-        started = self._round_started.get(server_round, self._run_started)
+        started = self._round_started[server_round]
         entry["seconds"] = round(time.monotonic() - started, 3)
         log(INFO, "%s", progress_line(entry, self.num_rounds))
         accuracy = entry.get("centralized_accuracy", entry.get("distributed_accuracy"))
+        # Round 0 counts: when fine-tuning, the checkpoint may stay the best model.
         improved = accuracy is not None and (
             self.best is None or accuracy > self.best[0]
         )
-        if self.save_best_model and server_round > 0 and improved:
+        if self.save_best_model and improved:
             self.best = (accuracy, server_round)
             save_model(parameters, self.run_dir / "best_model.pt")
         self.write_history()
@@ -154,6 +160,12 @@ class RunRecorder:
     def finish(self, parameters: Parameters) -> None:
         """Save the final model and the plots; log where everything is."""
         save_model(parameters, self.run_dir / "final_model.pt")
+        if self.save_best_model and self.best is None:
+            log(
+                WARNING,
+                "No accuracy was measured (centralized-evaluation off and "
+                "fraction-evaluate 0): no best_model.pt, only final_model.pt.",
+            )
         self.plot_metrics()
         self.plot_data()
         self.write_history()
@@ -168,31 +180,22 @@ class RunRecorder:
 
     def plot_metrics(self) -> None:
         """Accuracy and loss per round, distributed and centralized on one figure."""
-        plot_curves(
-            {
-                "federated (clients' validation data)": self._series(
-                    "distributed_accuracy"
-                ),
-                "centralized (test split)": self._series("centralized_accuracy"),
-            },
-            "round",
-            "accuracy",
-            "Accuracy of the global model",
-            self.run_dir / "accuracy.png",
-        )
-        plot_curves(
-            {
-                "federated (clients' validation data)": self._series(
-                    "distributed_loss"
-                ),
-                "centralized (test split)": self._series("centralized_loss"),
-                "training (clients, during fit)": self._series("train_loss"),
-            },
-            "round",
-            "cross-entropy loss",
-            "Loss of the global model",
-            self.run_dir / "loss.png",
-        )
+        sources = {
+            "federated (clients' validation data)": "distributed",
+            "centralized (test split)": "centralized",
+        }
+        accuracy = {k: self._series(f"{v}_accuracy") for k, v in sources.items()}
+        loss = {k: self._series(f"{v}_loss") for k, v in sources.items()}
+        loss["training (clients, during fit)"] = self._series("train_loss")
+        for name, series in (("accuracy", accuracy), ("loss", loss)):
+            if any(series.values()):  # no evaluation at all: nothing to draw
+                plot_curves(
+                    series,
+                    "round",
+                    name if name == "accuracy" else "cross-entropy loss",
+                    f"{name.capitalize()} of the global model",
+                    self.run_dir / f"{name}.png",
+                )
 
     def plot_data(self) -> None:
         """Plot the tutorial's batch grid of partition 0 and the labels per partition.
@@ -207,15 +210,14 @@ class RunRecorder:
         try:
             names = class_names(self.data)
             counts = label_counts(self.data, self.num_partitions)
-            partition = load_partition(0, self.num_partitions, self.data)
+            train = load_data(0, self.num_partitions, self.data)[0].dataset
         except (OSError, ValueError) as err:
             log(WARNING, "Data plots skipped, the server cannot load the data: %s", err)
             return
         plot_label_distribution(counts, names, self.run_dir / "label_distribution.png")
-        sample = partition.shuffle(seed=self.data.seed).select(
-            range(min(32, len(partition)))
-        )
-        batch = sample.with_transform(apply_transforms)[:]
+        # The tutorial's picture: training images of partition 0, with their class.
+        sample = train.shuffle(seed=self.data.seed).select(range(min(32, len(train))))
+        batch = sample[:]
         plot_batch(
             torch.stack(batch[IMAGE_KEY]),
             torch.tensor(batch[LABEL_KEY]),

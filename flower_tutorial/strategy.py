@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
-from flwr.common import EvaluateRes, FitRes, Parameters, Scalar
+from flwr.common import EvaluateRes, FitRes, GetPropertiesIns, Parameters, Scalar
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
@@ -94,8 +95,9 @@ class BoundedClientManager(SimpleClientManager):
     number of nodes, and silently skips a round when fewer are connected than it
     samples. Here either case ends the run with a message saying what to change.
     Flower gives SuperNodes new random IDs every run, so sampling orders them by
-    the partition they reported (learned from their first results) before drawing
-    with a generator seeded by the run's seed.
+    the partition they hold before drawing with a generator seeded by the run's
+    seed. The partition comes from a node's results or, when a round samples a
+    subset before all were heard from, from asking the node once (get_properties).
     """
 
     def __init__(self, timeout: float, seed: int) -> None:
@@ -121,13 +123,30 @@ class BoundedClientManager(SimpleClientManager):
                 f"start more SuperNodes; or lower min-fit-clients, "
                 f"min-evaluate-clients and min-available-clients."
             )
-        cids = sorted(self.clients, key=self._order)
+        # A snapshot: Flower's background thread may register nodes meanwhile.
+        clients = dict(self.clients)
         if criterion is not None:
-            cids = [cid for cid in cids if criterion.select(self.clients[cid])]
-        if num_clients > len(cids):
+            clients = {c: p for c, p in clients.items() if criterion.select(p)}
+        if num_clients > len(clients):
             return []
-        return [self.clients[cid] for cid in self._rng.sample(cids, num_clients)]
+        if num_clients < len(clients):
+            # Only a true subset depends on the order; all-of-them does not.
+            self._learn_partitions(clients)
+        cids = sorted(clients, key=lambda cid: (self.partition_ids.get(cid, -1), cid))
+        return [clients[cid] for cid in self._rng.sample(cids, num_clients)]
 
-    def _order(self, cid: str) -> tuple[int, int, str]:
-        partition = self.partition_ids.get(cid)
-        return (0, partition, "") if partition is not None else (1, 0, cid)
+    def _learn_partitions(self, clients: dict[str, ClientProxy]) -> None:
+        """Ask the nodes not heard from yet which partition they hold (once each)."""
+        unknown = [
+            proxy for cid, proxy in clients.items() if cid not in self.partition_ids
+        ]
+        if not unknown:
+            return
+        ins = GetPropertiesIns(config={})
+        with ThreadPoolExecutor() as pool:
+            replies = pool.map(
+                lambda proxy: proxy.get_properties(ins, self.timeout, group_id=0),
+                unknown,
+            )
+            for proxy, reply in zip(unknown, replies, strict=True):
+                self.partition_ids[proxy.cid] = int(reply.properties[PARTITION_ID])

@@ -284,8 +284,8 @@ def label_counts(data: DataSettings, num_partitions: int) -> np.ndarray:
     Shape (num_partitions, num_classes); row i is what organization i trains and
     validates on.
     """
-    num_classes = len(class_names(data))
     fds = _federated_dataset(data, num_partitions)
+    num_classes = fds.load_partition(0).features[LABEL_KEY].num_classes
     return np.stack(
         [
             np.bincount(fds.load_partition(pid)[LABEL_KEY], minlength=num_classes)

@@ -14,11 +14,9 @@ from flower_tutorial.task import Net, load_test_data
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module")
-def runs(run_python_module, cifar_dir, tmp_path_factory) -> dict[str, Path]:
-    """Run folders of: a, b (seed 1), c (seed 2), d (c's seed, resumed from a)."""
-    root = tmp_path_factory.mktemp("runs")
-    code = f"""
+def _simulations(root: Path, cifar_dir: Path, runs: dict[str, tuple[int, dict]]) -> str:
+    """Code that runs named simulations one after the other in one process."""
+    return f"""
 from pathlib import Path
 from flower_tutorial.simulation import run_tutorial_simulation
 
@@ -30,23 +28,55 @@ base = {{
     "min-available-clients": 3,
     "batch-size": 16,
 }}
-
-def run(name, overrides):
-    config = base | {{"output-dir": str(Path({str(root)!r}) / name)}} | overrides
-    run_tutorial_simulation(num_supernodes=3, run_config=config)
-    (run_dir,) = (Path({str(root)!r}) / name).iterdir()
-    return run_dir
-
-a = run("a", {{"seed": 1}})
-run("b", {{"seed": 1}})
-run("c", {{"seed": 2}})
-run("d", {{"seed": 2, "num-server-rounds": 1,
-           "initial-checkpoint": str(a / "final_model.pt")}})
+root = Path({str(root)!r})
+for name, (num_supernodes, overrides) in {runs!r}.items():
+    config = base | {{"output-dir": str(root / name)}} | overrides
+    if "initial-checkpoint" in config:
+        (saved,) = (root / config["initial-checkpoint"]).iterdir()
+        config["initial-checkpoint"] = str(saved / "final_model.pt")
+    run_tutorial_simulation(num_supernodes=num_supernodes, run_config=config)
 """
-    code_, output = run_python_module(code, timeout=400)
-    assert code_ == 0, output[-4000:]
-    assert f"[round {ROUNDS}/{ROUNDS}]" in output  # the per-round progress line
-    return {name: next((root / name).iterdir()) for name in "abcd"}
+
+
+# Four nodes of which each round samples two: reproducible only if sampling is.
+SUBSET = {
+    "fraction-fit": 0.5,
+    "min-fit-clients": 2,
+    "min-available-clients": 4,
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(run_python_module, cifar_dir, tmp_path_factory) -> dict[str, Path]:
+    """Run folders of small simulations, by name (see the dicts below).
+
+    b and g repeat a and f in a second process, so determinism is checked across
+    processes, not only within one.
+    """
+    root = tmp_path_factory.mktemp("runs")
+    first = {
+        "a": (3, {"seed": 1}),
+        "c": (3, {"seed": 2}),
+        "d": (3, {"seed": 2, "num-server-rounds": 1, "initial-checkpoint": "a"}),
+        "e": (
+            2,
+            {
+                "num-server-rounds": 1,
+                "centralized-evaluation": False,
+                "fraction-evaluate": 0.0,
+                "min-fit-clients": 2,
+                "min-available-clients": 2,
+            },
+        ),
+        "f": (4, SUBSET),
+    }
+    second = {"b": (3, {"seed": 1}), "g": (4, SUBSET)}
+    for batch in (first, second):
+        code, output = run_python_module(_simulations(root, cifar_dir, batch), 500)
+        assert code == 0, output[-4000:]
+        assert f"[round {ROUNDS}/{ROUNDS}]" in output  # the per-round progress line
+    return {name: next((root / name).iterdir()) for name in "abcdefg"}
 
 
 def _history(run_dir: Path) -> dict:
@@ -118,6 +148,23 @@ def test_plots_are_pngs_of_the_expected_size(runs, name, size):
 def test_same_seed_same_history_other_seed_other_history(runs):
     assert _metrics(runs["a"]) == _metrics(runs["b"])
     assert _metrics(runs["a"]) != _metrics(runs["c"])
+
+
+def test_sampling_a_subset_of_clients_is_reproducible(runs):
+    rounds = _metrics(runs["f"])[1:]
+    assert [r["fit_clients"] for r in rounds] == [2] * ROUNDS
+    assert _metrics(runs["f"]) == _metrics(runs["g"])
+
+
+def test_a_run_without_evaluation_still_leaves_its_record(runs):
+    history = _history(runs["e"])
+    assert [r["round"] for r in history["rounds"]] == [1]
+    assert history["rounds"][0]["train_loss"] > 0
+    assert "centralized_loss" not in history["rounds"][0]
+    assert history["best_round"] is None
+    names = {p.name for p in runs["e"].iterdir()}
+    assert {"history.json", "final_model.pt", "loss.png"} <= names
+    assert not names & {"best_model.pt", "accuracy.png"}
 
 
 def test_resuming_starts_from_the_checkpoint(runs):
