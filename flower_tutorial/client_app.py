@@ -5,7 +5,6 @@ from __future__ import annotations
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Config, Context, NDArrays, Scalar
 from torch import nn
-from torch.utils.data import DataLoader
 
 from flower_tutorial.config import (
     NUM_PARTITIONS,
@@ -15,6 +14,7 @@ from flower_tutorial.config import (
 )
 from flower_tutorial.task import (
     Net,
+    TensorLoader,
     get_device,
     get_parameters,
     load_data,
@@ -31,8 +31,8 @@ class FlowerClient(NumPyClient):
     def __init__(
         self,
         net: nn.Module,
-        trainloader: DataLoader,
-        valloader: DataLoader,
+        trainloader: TensorLoader,
+        valloader: TensorLoader,
         settings: RunSettings,
         node: NodeSettings,
     ) -> None:
@@ -93,7 +93,7 @@ def client_fn(context: Context) -> Client:
     settings = RunSettings.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     trainloader, valloader = load_data(
-        node.partition_id, node.num_partitions, settings.data
+        node.partition_id, node.num_partitions, settings.data, get_device()
     )
     return FlowerClient(Net(), trainloader, valloader, settings, node).to_client()
 

@@ -28,6 +28,7 @@ from flower_tutorial.task import (
     label_counts,
     load_data,
     set_parameters,
+    set_seed,
 )
 
 
@@ -210,19 +211,16 @@ class RunRecorder:
         try:
             names = class_names(self.data)
             counts = label_counts(self.data, self.num_partitions)
-            train = load_data(0, self.num_partitions, self.data)[0].dataset
+            trainloader = load_data(0, self.num_partitions, self.data)[0]
         except (OSError, ValueError) as err:
             log(WARNING, "Data plots skipped, the server cannot load the data: %s", err)
             return
         plot_label_distribution(counts, names, self.run_dir / "label_distribution.png")
-        # The tutorial's picture: training images of partition 0, with their class.
-        sample = train.shuffle(seed=self.data.seed).select(range(min(32, len(train))))
-        batch = sample[:]
+        # The tutorial's picture: a training batch of partition 0, with classes.
+        set_seed(self.data.seed)
+        batch = next(iter(trainloader))
         plot_batch(
-            torch.stack(batch[IMAGE_KEY]),
-            torch.tensor(batch[LABEL_KEY]),
-            names,
-            self.run_dir / "batch.png",
+            batch[IMAGE_KEY], batch[LABEL_KEY], names, self.run_dir / "batch.png"
         )
 
 

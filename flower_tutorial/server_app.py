@@ -72,16 +72,16 @@ def fit_config(server_round: int) -> dict[str, Scalar]:
 def centralized_evaluation(data: DataSettings) -> EvaluateFn:
     """Return FedAvg's `evaluate_fn`: the global model on the whole test split.
 
-    The test split is decoded and normalized once here, not at every round.
+    The test split is decoded once here, not at every round.
     """
-    batches = list(load_test_data(data))
     net, device = Net(), get_device()
+    testloader = load_test_data(data, device)
 
     def evaluate(
         server_round: int, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]]:
         set_parameters(net, parameters)
-        loss, accuracy = test(net, batches, device)
+        loss, accuracy = test(net, testloader, device)
         return loss, {"accuracy": accuracy}
 
     return evaluate

@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import NUM_TEST, NUM_TRAIN, data_settings, make_split, write_hub_layout
 from datasets import load_dataset
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 from flower_tutorial import task
 from flower_tutorial.task import (
     dataset_source,
+    decode,
     label_counts,
     load_data,
     load_test_data,
@@ -19,18 +21,18 @@ from flower_tutorial.task import (
 NUM_PARTITIONS = 4
 
 
-def _digests(loader: torch.utils.data.DataLoader) -> list[str]:
-    """Identify each sample of a loader's dataset by its tensor's bytes, in order."""
-    return [
-        hashlib.sha1(sample["img"].numpy().tobytes()).hexdigest()
-        for sample in loader.dataset
-    ]
+def _digests(images: torch.Tensor) -> list[str]:
+    """Identify each image by its bytes, in order."""
+    return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in images]
 
 
 def _load_all(cifar_dir, seed: int = 42) -> list[tuple[list[str], list[str]]]:
     data = data_settings(cifar_dir, **{"batch-size": 8, "seed": seed})
     loaders = [load_data(pid, NUM_PARTITIONS, data) for pid in range(NUM_PARTITIONS)]
-    return [(_digests(train), _digests(val)) for train, val in loaders]
+    return [
+        (_digests(train.dataset.tensors[0]), _digests(val.dataset.tensors[0]))
+        for train, val in loaders
+    ]
 
 
 def test_partitions_split_80_20_into_batches(cifar_dir):
@@ -47,11 +49,8 @@ def test_partitions_split_80_20_into_batches(cifar_dir):
 
 
 def test_partitions_are_disjoint_and_cover_the_train_split(cifar_dir):
-    everything = load_dataset(str(cifar_dir), split="train")
-    reference = {
-        hashlib.sha1(sample["img"].numpy().tobytes()).hexdigest()
-        for sample in everything.with_transform(task.apply_transforms)
-    }
+    images, _ = decode(load_dataset(str(cifar_dir), split="train"))
+    reference = set(_digests(images))
     seen = [d for train, val in _load_all(cifar_dir) for d in train + val]
     assert len(seen) == NUM_TRAIN
     assert len(set(seen)) == NUM_TRAIN
@@ -60,7 +59,9 @@ def test_partitions_are_disjoint_and_cover_the_train_split(cifar_dir):
 
 def test_partitioning_is_deterministic_and_follows_the_seed(cifar_dir):
     first = _load_all(cifar_dir)
-    task._federated_dataset.cache_clear()  # rebuild from scratch
+    # Rebuild from scratch.
+    task._federated_dataset.cache_clear()
+    task._decoded_partition.cache_clear()
     assert _load_all(cifar_dir) == first
     assert _load_all(cifar_dir, seed=7) != first
 
@@ -137,3 +138,69 @@ def test_shards_give_each_partition_few_classes(cifar_dir):
     assert (label_counts(data_settings(cifar_dir), NUM_PARTITIONS) > 0).sum(
         axis=1
     ).min() >= 8
+
+
+# The tutorial's per-image transform: the reference the decoded pipeline must match.
+REFERENCE = Compose([ToTensor(), Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+
+def test_decoded_batches_equal_the_tutorials_transform_bit_for_bit(cifar_dir):
+    data = data_settings(cifar_dir, **{"batch-size": 5})
+    _, valloader = load_data(1, NUM_PARTITIONS, data)  # unshuffled: known order
+    partition = task.load_partition(1, NUM_PARTITIONS, data)
+    reference = partition.train_test_split(test_size=0.2, seed=data.seed)["test"]
+    batch = next(iter(valloader))
+    for i in range(5):
+        expected = REFERENCE(reference[i]["img"])
+        assert torch.equal(batch["img"][i], expected)
+        assert batch["label"][i].item() == reference[i]["label"]
+
+
+def test_a_partition_is_decoded_once_per_process_not_per_round(cifar_dir, monkeypatch):
+    task._decoded_partition.cache_clear()
+    calls = []
+    real_decode = task.decode
+    monkeypatch.setattr(
+        task, "decode", lambda split: calls.append(1) or real_decode(split)
+    )
+    data = data_settings(cifar_dir)
+    for _ in range(3):  # three rounds of the same client
+        trainloader, _ = load_data(2, NUM_PARTITIONS, data)
+        sum(len(b["label"]) for b in trainloader)
+    assert len(calls) == 2  # its train and validation splits, once each
+    load_data(3, NUM_PARTITIONS, data)
+    assert len(calls) == 4
+
+
+def test_shuffling_follows_the_global_seed(cifar_dir):
+    trainloader, _ = load_data(0, NUM_PARTITIONS, data_settings(cifar_dir))
+
+    def first_labels(seed: int) -> list[int]:
+        torch.manual_seed(seed)
+        return next(iter(trainloader))["label"].tolist()
+
+    assert first_labels(1) == first_labels(1)
+    assert first_labels(1) != first_labels(2)
+    epoch = torch.cat([b["label"] for b in trainloader])
+    assert sorted(epoch.tolist()) == sorted(trainloader.dataset.tensors[1].tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_data_lives_on_the_gpu(cifar_dir):
+    cuda = torch.device("cuda")
+    trainloader, valloader = load_data(
+        0, NUM_PARTITIONS, data_settings(cifar_dir), cuda
+    )
+    assert all(
+        t.is_cuda for t in trainloader.dataset.tensors + valloader.dataset.tensors
+    )
+    torch.manual_seed(5)
+    first = next(iter(trainloader))
+    torch.manual_seed(5)
+    again = next(iter(trainloader))
+    assert first["img"].is_cuda and first["img"].dtype == torch.float32
+    assert torch.equal(first["label"], again["label"])  # seeded shuffling on the GPU
+    cpu_train, _ = load_data(0, NUM_PARTITIONS, data_settings(cifar_dir))
+    assert torch.equal(
+        trainloader.dataset.tensors[0].cpu(), cpu_train.dataset.tensors[0]
+    )
