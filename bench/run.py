@@ -73,12 +73,14 @@ def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
             cwd=ROOT,
         )
         peak = 0
-        while proc.poll() is None and time.time() - started < timeout:
-            peak = max(peak, _rss_bytes(_tree(proc.pid)))
-            time.sleep(0.2)
-        wall = time.time() - started
-        _stop_tree(proc.pid)  # whatever is left (Ray), by PID
-        proc.wait()
+        try:
+            while proc.poll() is None and time.time() - started < timeout:
+                peak = max(peak, _rss_bytes(_tree(proc.pid)))
+                time.sleep(0.2)
+            wall = time.time() - started
+        finally:  # also on an error or Ctrl-C
+            _stop_descendants()
+            proc.wait()
         log.seek(0)
         output = log.read()
     lines = [line for line in output.splitlines() if line.startswith(RESULT)]
@@ -90,14 +92,19 @@ def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return result
 
 
-def _stop_tree(pid: int) -> None:
+def _stop_descendants() -> None:
+    """Stop, by PID, whatever this process started and what it adopted.
+
+    This process is a child subreaper (see main), so Ray's processes that outlive
+    the measured child are re-parented here rather than to PID 1.
+    """
     for _ in range(3):
-        left = [p for p in _tree(pid) if p != os.getpid()]
+        left = [p for p in _tree(os.getpid()) if p != os.getpid()]
         for p in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         if not left:
-            return
+            break
         time.sleep(0.5)
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0]:

@@ -111,6 +111,7 @@ def _choice(
 
 
 PARTITIONERS = ("iid", "dirichlet", "shards")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 
 # Node-config keys; clients also echo them in their metrics, so that the server
 # knows which partition a result came from.
@@ -165,6 +166,9 @@ class RunSettings:
     initial_checkpoint: str
     output_dir: str
     save_best_model: bool
+    aggregation: str
+    trim_fraction: float
+    krum_byzantine: int
 
     @property
     def seed(self) -> int:
@@ -195,6 +199,9 @@ class RunSettings:
             ),
             output_dir=_str(run_config, "output-dir", src),
             save_best_model=_bool(run_config, "save-best-model", src),
+            aggregation=_choice(run_config, "aggregation", AGGREGATIONS, src),
+            trim_fraction=_float(run_config, "trim-fraction", src, upper=0.49),
+            krum_byzantine=_int(run_config, "krum-byzantine", 0, src),
         )
 
 

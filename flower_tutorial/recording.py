@@ -270,12 +270,7 @@ class RecordingServer(Server):
         if res is not None:
             _, metrics, (results, failures) = res
             self._learn_partitions(results)
-            self.recorder.record(
-                server_round,
-                train_loss=metrics.get("train_loss"),
-                fit_clients=len(results),
-                fit_failures=len(failures),
-            )
+            self.recorder.record(server_round, train_loss=metrics.get("train_loss"))
         return res
 
     def evaluate_round(self, server_round: int, timeout: float | None):  # noqa: ANN201
@@ -288,8 +283,6 @@ class RecordingServer(Server):
                 server_round,
                 distributed_loss=loss,
                 distributed_accuracy=metrics.get("accuracy"),
-                evaluate_clients=len(results),
-                evaluate_failures=len(failures),
             )
         self.recorder.end_round(server_round, self.parameters)
         return res

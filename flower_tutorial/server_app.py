@@ -113,6 +113,9 @@ def server_fn(context: Context) -> ServerAppComponents:
     )
     strategy = TutorialFedAvg(
         recorder=recorder,
+        aggregation=settings.aggregation,
+        trim_fraction=settings.trim_fraction,
+        krum_byzantine=settings.krum_byzantine,
         fraction_fit=settings.fraction_fit,
         fraction_evaluate=settings.fraction_evaluate,
         min_fit_clients=settings.min_fit_clients,

@@ -8,7 +8,7 @@ entry working: it fuses the run config of ``pyproject.toml`` with overrides (whi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -34,13 +34,15 @@ def run_tutorial_simulation(
     num_supernodes: int = 10,
     run_config: Mapping[str, Any] | None = None,
     backend_config: Mapping[str, Any] | None = None,
+    client_fn: Callable[[Context], Client] = client_fn,
 ) -> History:
     """Simulate the federation in this process and return its History.
 
     `run_config` overrides keys of ``[tool.flwr.app.config]`` (an unknown key is an
     error); `backend_config` is passed to `run_simulation` (default: see
     `default_backend_config`). Each SuperNode gets ``partition-id`` and
-    ``num-partitions = num_supernodes`` in its node config.
+    ``num-partitions = num_supernodes`` in its node config. `client_fn` replaces
+    the app's, e.g. to try the server against misbehaving clients.
     """
     fused = app_run_config(run_config)
     servers: list[RecordingServer] = []

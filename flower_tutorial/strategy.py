@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from logging import WARNING
+from typing import Any
 
-from flwr.common import EvaluateRes, FitRes, GetPropertiesIns, Parameters, Scalar
-from flwr.server.client_manager import SimpleClientManager
+from flwr.common import (
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetPropertiesIns,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
+from flower_tutorial.aggregation import check_evaluation, check_update, combine
 from flower_tutorial.config import PARTITION_ID
 from flower_tutorial.recording import RunRecorder
 
@@ -21,35 +36,80 @@ def _describe(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException)
     return failure[1].status.message
 
 
-def _raise_if_all_failed(
-    stage: str, server_round: int, results: list, failures: list
-) -> None:
-    if failures and not results:
-        raise RuntimeError(
-            f"All {len(failures)} clients failed in round {server_round} ({stage}); "
-            f"the first said: {_describe(failures[0])}"
-        )
-
-
 def _by_partition(results: list) -> list:
     # Results arrive in completion order; summing in a fixed order keeps the
     # average bit-identical between runs.
     return sorted(results, key=lambda r: (r[1].metrics.get(PARTITION_ID, -1), r[0].cid))
 
 
-class TutorialFedAvg(FedAvg):
-    """FedAvg that ends the run when every client of a round failed.
+def _sort_out(
+    stage: str,
+    server_round: int,
+    results: list,
+    failures: list,
+    check: Callable[[Any], str | None],
+) -> tuple[list, list[str]]:
+    """Split results into sound ones and reasons for the rest (failures included).
 
-    Flower's FedAvg skips such a round and carries on, so a setting that breaks
-    every client (a wrong dataset path, say) would run all rounds and report
-    nothing. Rounds where only some clients fail still go on, as in FedAvg.
-    Results are averaged in partition order, and centralized evaluations are
-    recorded for the run's history.
+    Raises when nothing sound is left: averaging nothing would silently carry on.
+    """
+    good, reasons = [], [_describe(f) for f in failures]
+    for proxy, res in _by_partition(results):
+        reason = check(res)
+        if reason is None:
+            good.append((proxy, res))
+        else:
+            reasons.append(f"partition {res.metrics.get(PARTITION_ID, '?')}: {reason}")
+    for reason in reasons:
+        log(
+            WARNING,
+            "Round %s (%s): a client was left out: %s",
+            server_round,
+            stage,
+            reason,
+        )
+    if reasons and not good:
+        raise RuntimeError(
+            f"All {len(reasons)} clients failed in round {server_round} ({stage}); "
+            f"the first said: {reasons[0]}"
+        )
+    return good, reasons
+
+
+class TutorialFedAvg(FedAvg):
+    """FedAvg that checks every update and never averages nothing.
+
+    An update with the wrong arrays, shapes or dtypes, non-finite values or no
+    examples is left out like a client that failed, and the history says which
+    and why; the round goes on with the rest. When every client of a round failed,
+    the run ends with the first error: Flower's FedAvg would skip the round and
+    carry on, so a setting that breaks every client (a wrong dataset path, say)
+    would run all rounds and report nothing. Results are combined in partition
+    order, with FedAvg's weighted mean or a robust rule (`aggregation`).
     """
 
-    def __init__(self, *, recorder: RunRecorder, **kwargs: object) -> None:
+    def __init__(
+        self,
+        *,
+        recorder: RunRecorder,
+        aggregation: str = "fedavg",
+        trim_fraction: float = 0.2,
+        krum_byzantine: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.recorder = recorder
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.krum_byzantine = krum_byzantine
+        self.global_arrays: NDArrays = []
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Keep the global model sent out: updates are checked against it."""
+        self.global_arrays = parameters_to_ndarrays(parameters)
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self,
@@ -57,9 +117,26 @@ class TutorialFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Average the results; raise if there are none but failures."""
-        _raise_if_all_failed("fit", server_round, results, failures)
-        return super().aggregate_fit(server_round, _by_partition(results), failures)
+        """Combine the sound updates; record the others with their reasons."""
+        good, reasons = _sort_out(
+            "fit",
+            server_round,
+            results,
+            failures,
+            lambda res: check_update(res, self.global_arrays),
+        )
+        self.recorder.record(server_round, fit_clients=len(good), fit_failures=reasons)
+        if not good:
+            return None, {}
+        arrays = combine(
+            self.aggregation, good, self.trim_fraction, self.krum_byzantine
+        )
+        metrics: dict[str, Scalar] = {}
+        if self.fit_metrics_aggregation_fn:
+            metrics = self.fit_metrics_aggregation_fn(
+                [(r.num_examples, r.metrics) for _, r in good]
+            )
+        return ndarrays_to_parameters(arrays), metrics
 
     def aggregate_evaluate(
         self,
@@ -67,11 +144,14 @@ class TutorialFedAvg(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Average the losses and metrics; raise if there are none but failures."""
-        _raise_if_all_failed("evaluate", server_round, results, failures)
-        return super().aggregate_evaluate(
-            server_round, _by_partition(results), failures
+        """Average the sound losses and metrics; record the others."""
+        good, reasons = _sort_out(
+            "evaluate", server_round, results, failures, check_evaluation
         )
+        self.recorder.record(
+            server_round, evaluate_clients=len(good), evaluate_failures=reasons
+        )
+        return super().aggregate_evaluate(server_round, good, [])
 
     def evaluate(
         self, server_round: int, parameters: Parameters
