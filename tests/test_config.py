@@ -28,6 +28,7 @@ def test_defaults_reproduce_the_tutorial():
     assert settings.initial_checkpoint == ""
     assert settings.output_dir == "outputs"
     assert settings.save_best_model is True
+    assert settings.aggregation == "fedavg"
 
 
 def test_fraction_evaluate_zero_turns_federated_evaluation_off():
@@ -69,6 +70,10 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
         ("save-best-model", 0, "true or false"),
         ("initial-checkpoint", 3, "a string"),
         ("output-dir", "", "a non-empty string"),
+        ("aggregation", "mean", "one of 'fedavg', 'median', 'trimmed-mean', 'krum'"),
+        ("trim-fraction", 0.5, r"a number in \(0, 0.49\]"),
+        ("trim-fraction", 0, r"a number in \(0, 0.49\]"),
+        ("krum-byzantine", -1, "an integer >= 0"),
     ],
 )
 def test_bad_run_config_values_are_named(key, value, allowed):
