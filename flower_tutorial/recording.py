@@ -268,7 +268,7 @@ class RecordingServer(Server):
         self.recorder.start_round(server_round)
         res = super().fit_round(server_round, timeout)
         if res is not None:
-            _, metrics, (results, failures) = res
+            _, metrics, (results, _) = res
             self._learn_partitions(results)
             self.recorder.record(server_round, train_loss=metrics.get("train_loss"))
         return res
@@ -277,7 +277,7 @@ class RecordingServer(Server):
         """Evaluate on the clients, then close the round's record."""
         res = super().evaluate_round(server_round, timeout)
         if res is not None:
-            loss, metrics, (results, failures) = res
+            loss, metrics, (results, _) = res
             self._learn_partitions(results)
             self.recorder.record(
                 server_round,
