@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from logging import WARNING
 from typing import Any
@@ -13,6 +15,7 @@ from flwr.common import (
     FitIns,
     FitRes,
     GetPropertiesIns,
+    Message,
     NDArrays,
     Parameters,
     Scalar,
@@ -20,6 +23,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
+from flwr.server import Grid
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
@@ -32,7 +36,11 @@ from flower_tutorial.recording import RunRecorder
 
 def _describe(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
     if isinstance(failure, BaseException):
-        return f"{type(failure).__name__}: {failure}"
+        text = f"{type(failure).__name__}: {failure}"
+        # Flower's words for a message whose TTL (the round-timeout) ran out.
+        if "expired due to its TTL" in text:
+            return f"no reply within round-timeout ({text})"
+        return text
     return failure[1].status.message
 
 
@@ -168,6 +176,46 @@ class TutorialFedAvg(FedAvg):
         return res
 
 
+class RunStoppedError(RuntimeError):
+    """The run was stopped (Ctrl-C, or the simulation ended) while it waited."""
+
+
+class StoppableGrid:
+    """A Grid whose wait for replies ends as soon as the run is stopped.
+
+    Flower's client proxies wait for each reply without a timeout (the message's
+    TTL, `round-timeout`, ends it). Once a run is stopped (Ctrl-C in
+    `run_tutorial_simulation`) nothing replies any more, and those waits would
+    keep the ServerApp's threads, and so the process, alive until then.
+    """
+
+    def __init__(self, grid: Grid, stopped: threading.Event) -> None:
+        self._grid = grid
+        self._stopped = stopped
+        # As often as the wrapped Grid polls: 0.1 s in memory, 3 s over HTTP.
+        self._interval = float(getattr(grid, "pull_interval", 3.0))
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the wrapped Grid's."""
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Push `messages`, then pull replies until all came, time ran out or stop."""
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            for reply in list(self._grid.pull_messages(list(pending))):
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            if not pending or (deadline is not None and time.monotonic() > deadline):
+                return replies
+            if self._stopped.wait(self._interval):
+                raise RunStoppedError("The run was stopped while waiting for replies.")
+
+
 class BoundedClientManager(SimpleClientManager):
     """Samples SuperNodes reproducibly, after a bounded wait for enough of them.
 
@@ -185,6 +233,30 @@ class BoundedClientManager(SimpleClientManager):
         self.timeout = timeout
         self.partition_ids: dict[str, int] = {}
         self._rng = random.Random(seed)
+        self._stopped = threading.Event()
+
+    def register(self, client: ClientProxy) -> bool:
+        """Register a node, making its waits for replies end when the run stops."""
+        if hasattr(client, "grid"):  # Flower's GridClientProxy
+            client.grid = StoppableGrid(client.grid, self._stopped)
+        return super().register(client)
+
+    def stop(self) -> None:
+        """End every wait of this run: for nodes, and for their replies."""
+        self._stopped.set()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        """Wait (at most `timeout` s) until `num_clients` nodes are connected."""
+        with self._cv:
+            self._cv.wait_for(
+                lambda: self._stopped.is_set() or len(self.clients) >= num_clients,
+                timeout=timeout,
+            )
+        if self._stopped.is_set():
+            raise RunStoppedError("The run was stopped while waiting for SuperNodes.")
+        return len(self.clients) >= num_clients
 
     def sample(
         self,

@@ -147,23 +147,33 @@ def _kill_descendants() -> dict[int, str]:
     return left
 
 
-def _python_runner() -> Iterator[Callable[[str, float], tuple[int, str]]]:
+def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
     """Run Python code in child processes -> (exit code, output).
 
     Fails if a child outlives `timeout` or leaves processes behind. Whatever the
     children started (Ray's GCS, raylet, workers) is stopped by PID at teardown,
-    also when the test fails or times out.
+    also when the test fails or times out. With `interrupt_when`, the child gets
+    SIGINT (Ctrl-C) as soon as that file exists.
     """
     _set_child_subreaper()
 
-    def run(code: str, timeout: float) -> tuple[int, str]:
+    def run(
+        code: str, timeout: float, interrupt_when: Path | None = None
+    ) -> tuple[int, str]:
         # A file, not a pipe: a grandchild holding a pipe open would block reading.
         with tempfile.TemporaryFile("w+") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT
             )
+            deadline = time.monotonic() + timeout
             try:
-                proc.wait(timeout=timeout)
+                if interrupt_when is not None:
+                    while not interrupt_when.exists() and proc.poll() is None:
+                        time.sleep(0.2)
+                        if time.monotonic() > deadline:
+                            raise subprocess.TimeoutExpired(proc.args, timeout)
+                    proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=max(deadline - time.monotonic(), 0))
                 timed_out = False
             except subprocess.TimeoutExpired:
                 # Reaped by Popen first, so the sweep below cannot steal its status.
@@ -188,12 +198,12 @@ def _python_runner() -> Iterator[Callable[[str, float], tuple[int, str]]]:
 
 
 @pytest.fixture
-def run_python() -> Iterator[Callable[[str, float], tuple[int, str]]]:
+def run_python() -> Iterator[Callable[..., tuple[int, str]]]:
     """`_python_runner` for one test."""
     yield from _python_runner()
 
 
 @pytest.fixture(scope="module")
-def run_python_module() -> Iterator[Callable[[str, float], tuple[int, str]]]:
+def run_python_module() -> Iterator[Callable[..., tuple[int, str]]]:
     """`_python_runner` shared by a module's tests (for costly runs made once)."""
     yield from _python_runner()

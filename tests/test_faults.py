@@ -181,3 +181,66 @@ def test_unsound_evaluations_are_left_out(tmp_path):
         "partition 1: loss = nan, expected a finite number",
         "partition 2: num_examples = 0, expected > 0",
     ]
+
+
+# Long enough for round 1 (which also starts the clients) even on a loaded machine.
+ROUND_TIMEOUT = 40.0
+SLOW_CLIENT_FN = f"""
+import time
+from flower_tutorial.client_app import client_fn as app_client_fn
+
+def slow_client_fn(context):
+    # In round 2, partition 1 replies 15 s after the round-timeout.
+    numpy_client = app_client_fn(context).numpy_client
+    partition_id = int(context.node_config["partition-id"])
+    sound_fit = numpy_client.fit
+
+    def fit(parameters, config):
+        if int(config["server-round"]) == 2 and partition_id == 1:
+            time.sleep({ROUND_TIMEOUT + 15})
+        return sound_fit(parameters, config)
+
+    numpy_client.fit = fit
+    return numpy_client.to_client()
+"""
+
+
+def test_a_late_result_is_left_out_and_the_round_goes_on(
+    run_python, cifar_dir, tmp_path
+):
+    run_config = _run_config(cifar_dir, tmp_path) | {
+        "num-server-rounds": 2,
+        "min-fit-clients": 1,
+        "min-evaluate-clients": 1,
+        "min-available-clients": 2,
+        "round-timeout": ROUND_TIMEOUT,
+    }
+    code = f"""{SLOW_CLIENT_FN}
+from flower_tutorial.simulation import run_tutorial_simulation
+run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
+                        client_fn=slow_client_fn)
+"""
+    exit_code, output = run_python(code, timeout=240)
+    assert exit_code == 0, output[-4000:]
+    (run_dir,) = tmp_path.iterdir()
+    rounds = json.loads((run_dir / "history.json").read_text())["rounds"]
+    assert rounds[1]["fit_clients"] == 2
+    assert rounds[2]["fit_clients"] == 1
+    (reason,) = rounds[2]["fit_failures"]
+    assert reason.startswith("no reply within round-timeout"), reason
+    assert rounds[2]["seconds"] < ROUND_TIMEOUT + 15  # it did not wait for it
+
+
+def test_a_round_in_which_no_result_came_in_time_ends_the_run(tmp_path):
+    strategy = _strategy(tmp_path, "fedavg")
+    expired = ValueError(
+        "Message contains an Error (reason: Error: Message Unavailable - The "
+        "requested message could not be found in the database. It may have "
+        "expired due to its TTL, been deleted ...)"
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=r"All 2 clients failed in round 3 \(fit\); the first said: "
+        r"no reply within round-timeout",
+    ):
+        strategy.aggregate_fit(3, [], [expired, expired])

@@ -1,6 +1,7 @@
 """Whole federations through the tutorial's run_simulation entry (Ray, 2 cores)."""
 
 import json
+import time
 
 RESULT_PREFIX = "HISTORY_JSON="
 
@@ -74,3 +75,47 @@ def test_a_setting_that_breaks_every_client_ends_the_run(run_python, tmp_path):
     assert code != 0
     assert "All 2 clients failed in round 1 (fit)" in output
     assert "no-such-cifar10" in output
+
+
+def test_ctrl_c_stops_the_simulation_and_leaves_nothing_running(
+    run_python, cifar_dir, tmp_path
+):
+    fit_started = tmp_path / "fit-started"
+    run_config = {
+        "dataset": str(cifar_dir),
+        "num-server-rounds": 2,
+        "min-fit-clients": 2,
+        "min-evaluate-clients": 1,
+        "min-available-clients": 2,
+        "output-dir": str(tmp_path / "out"),
+    }
+    code = f"""
+import time
+from pathlib import Path
+from flower_tutorial.client_app import client_fn as app_client_fn
+from flower_tutorial.simulation import run_tutorial_simulation
+
+def slow_client_fn(context):
+    numpy_client = app_client_fn(context).numpy_client
+    sound_fit = numpy_client.fit
+
+    def fit(parameters, config):
+        Path({str(fit_started)!r}).touch()
+        time.sleep(10)  # a long local epoch, during which Ctrl-C comes
+        return sound_fit(parameters, config)
+
+    numpy_client.fit = fit
+    return numpy_client.to_client()
+
+run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
+                        client_fn=slow_client_fn)
+"""
+    start = time.monotonic()
+    # Before the fix, the process outlived Ray, waiting up to round-timeout (1 h).
+    exit_code, output = run_python(code, timeout=150, interrupt_when=fit_started)
+    assert exit_code != 0
+    assert "Ctrl-C: stopping the run" in output
+    assert "KeyboardInterrupt: The simulation was stopped by Ctrl-C." in output
+    assert "[round 2/2]" not in output
+    assert time.monotonic() - start < 150
+    # The fixture checks that no process of the run (Ray's included) is left.
