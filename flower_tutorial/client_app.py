@@ -18,6 +18,7 @@ from flower_tutorial.task import (
     get_device,
     get_parameters,
     load_data,
+    load_local_data,
     set_parameters,
     set_seed,
     test,
@@ -26,7 +27,7 @@ from flower_tutorial.task import (
 
 
 class FlowerClient(NumPyClient):
-    """Trains and evaluates the global model on one organization's partition."""
+    """Trains and evaluates the global model on one organization's data."""
 
     def __init__(
         self,
@@ -89,12 +90,21 @@ class FlowerClient(NumPyClient):
 
 
 def client_fn(context: Context) -> Client:
-    """Create the client of the organization that `context.node_config` names."""
+    """Create the client of the organization that `context.node_config` names.
+
+    Its data: the `partition-id` partition of the run's `dataset`, or the node's
+    own folder when its node config has a `data-path`.
+    """
     settings = RunSettings.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
-    trainloader, valloader = load_data(
-        node.partition_id, node.num_partitions, settings.data, get_device()
-    )
+    if node.data_path is not None:
+        trainloader, valloader = load_local_data(
+            node.data_path, settings.data, get_device()
+        )
+    else:
+        trainloader, valloader = load_data(
+            node.partition_id, node.num_partitions, settings.data, get_device()
+        )
     return FlowerClient(Net(), trainloader, valloader, settings, node).to_client()
 
 

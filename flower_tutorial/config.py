@@ -117,6 +117,8 @@ AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 # knows which partition a result came from.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+# Optional node-config key: a folder of the node's own data instead of a partition.
+DATA_PATH = "data-path"
 
 
 @dataclass(frozen=True)
@@ -207,10 +209,16 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """The node-config keys a SuperNode gives its ClientApp."""
+    """The node-config keys a SuperNode gives its ClientApp.
+
+    `partition_id` is the node's number in the federation (it seeds the node's
+    shuffling and orders sampling). Without `data_path` the node trains on that
+    partition of the run's `dataset`; with it, on its own local folder.
+    """
 
     partition_id: int
     num_partitions: int
+    data_path: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -224,4 +232,13 @@ class NodeSettings:
                 f"expected an integer in [0, {num_partitions}) "
                 f"(num-partitions = {num_partitions})."
             )
-        return cls(partition_id=partition_id, num_partitions=num_partitions)
+        data_path = None
+        if DATA_PATH in node_config:
+            data_path = _str(node_config, DATA_PATH, src)
+            if not Path(data_path).expanduser().is_dir():
+                raise ValueError(
+                    f"node config key '{DATA_PATH}' = {data_path!r} is not allowed: "
+                    "no such folder. Expected the path of a folder on this node "
+                    "holding a train split in the CIFAR-10 schema."
+                )
+        return cls(partition_id, num_partitions, data_path)

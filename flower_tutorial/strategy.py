@@ -133,7 +133,17 @@ class TutorialFedAvg(FedAvg):
             failures,
             lambda res: check_update(res, self.global_arrays),
         )
-        self.recorder.record(server_round, fit_clients=len(good), fit_failures=reasons)
+        # Examples per organization: how much each update weighed in the average.
+        examples = {
+            str(res.metrics.get(PARTITION_ID, proxy.cid)): res.num_examples
+            for proxy, res in good
+        }
+        self.recorder.record(
+            server_round,
+            fit_clients=len(good),
+            fit_examples=examples,
+            fit_failures=reasons,
+        )
         if not good:
             return None, {}
         arrays = combine(

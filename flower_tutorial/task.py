@@ -22,7 +22,7 @@ from flwr_datasets.partitioner import (
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from flower_tutorial.config import DataSettings
+from flower_tutorial.config import DATA_PATH, DataSettings
 
 # A batch as the loaders yield it: {"img": images, "label": labels}.
 Batch = dict[str, torch.Tensor]
@@ -232,11 +232,11 @@ def dataset_source(dataset: str) -> str:
     return dataset
 
 
-def _check_schema(split: Dataset, dataset: str) -> None:
+def _check_schema(split: Dataset, dataset: str, key: str = "dataset") -> None:
     missing = {IMAGE_KEY, LABEL_KEY} - set(split.column_names)
     if missing:
         raise ValueError(
-            f"dataset {dataset!r} lacks the column(s) {sorted(missing)}: expected "
+            f"{key} {dataset!r} lacks the column(s) {sorted(missing)}: expected "
             f"the CIFAR-10 schema ('{IMAGE_KEY}': image, '{LABEL_KEY}': class label), "
             f"found {split.column_names}."
         )
@@ -323,9 +323,55 @@ def load_data(
     splits = _decoded_partition(
         partition_id, num_partitions, data, str(device or torch.device("cpu"))
     )
-    trainloader = TensorLoader(*splits["train"], data.batch_size, shuffle=True)
-    valloader = TensorLoader(*splits["test"], data.batch_size)
-    return trainloader, valloader
+    return _loaders(splits, data.batch_size)
+
+
+def _loaders(
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int
+) -> tuple[TensorLoader, TensorLoader]:
+    """(train, val) loaders over decoded splits; only training data is shuffled."""
+    trainloader = TensorLoader(*splits["train"], batch_size, shuffle=True)
+    return trainloader, TensorLoader(*splits["test"], batch_size)
+
+
+@cache
+def _decoded_folder(
+    data_path: str, seed: int, device: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Decode a node's own folder once per process: its train and validation data."""
+    key = f"node config key '{DATA_PATH}' = {data_path!r}"
+    try:
+        splits = load_dataset(str(Path(data_path).expanduser().resolve()))
+    except Exception as ex:  # datasets raises many kinds for an unusable folder
+        raise ValueError(
+            f"{key} is not allowed: no dataset could be loaded from it ({ex}). "
+            "Expected a folder holding a train split in the CIFAR-10 schema, e.g. "
+            "train-00000-of-00001.parquet with the columns 'img' and 'label'."
+        ) from ex
+    if "train" not in splits:
+        raise ValueError(
+            f"{key} is not allowed: it holds the split(s) {sorted(splits)} but no "
+            "'train' split (files named train-*.parquet, or a train/ folder)."
+        )
+    for split in splits.values():
+        _check_schema(split, data_path, key=f"node config key '{DATA_PATH}' =")
+    if "validation" in splits:
+        parts = {"train": splits["train"], "test": splits["validation"]}
+    else:
+        parts = splits["train"].train_test_split(test_size=0.2, seed=seed)
+    return {name: tuple(t.to(device) for t in decode(parts[name])) for name in parts}
+
+
+def load_local_data(
+    data_path: str, data: DataSettings, device: torch.device | None = None
+) -> tuple[TensorLoader, TensorLoader]:
+    """Load a node's own data folder as (train, val) loaders, like `load_data`.
+
+    The folder holds a train split in the CIFAR-10 schema and, optionally, a
+    validation split; without one, the train split is split 80/20 with the seed.
+    """
+    splits = _decoded_folder(data_path, data.seed, str(device or torch.device("cpu")))
+    return _loaders(splits, data.batch_size)
 
 
 @lru_cache(maxsize=2)

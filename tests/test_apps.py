@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import NUM_TRAIN, default_run_config
+from conftest import NUM_TRAIN, default_run_config, make_split
 from flwr.common import (
     Context,
     GetParametersIns,
@@ -88,10 +88,38 @@ def test_client_fn_builds_the_client_of_its_partition(run_config):
     assert numpy_client.trainloader.batch_size == 16
 
 
-def test_client_fn_refuses_a_partition_outside_the_federation(run_config):
-    node_config = {"partition-id": 4, "num-partitions": NUM_PARTITIONS}
-    with pytest.raises(ValueError, match=r"'partition-id' = 4 .*\[0, 4\)"):
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({"partition-id": 4, "num-partitions": 4}, r"'partition-id' = 4 .*\[0, 4\)"),
+        ({"partition-id": 0, "num-partitions": 0}, r"'num-partitions' = 0 .*>= 1"),
+        (
+            {"partition-id": 0, "num-partitions": 4, "data-path": "/no/such/site"},
+            r"'data-path' = '/no/such/site' .*no such folder",
+        ),
+        (
+            {"partition-id": 0, "num-partitions": 4, "data-path": "NOT_A_DATASET"},
+            r"'data-path' = '.*' lacks the column\(s\) \['img', 'label'\]",
+        ),
+    ],
+    ids=["partition-outside", "no-partitions", "missing-folder", "malformed-folder"],
+)
+def test_client_fn_refuses_a_bad_node_config(
+    run_config, tmp_path, node_config, message
+):
+    if node_config.get("data-path") == "NOT_A_DATASET":
+        (tmp_path / "notes.txt").write_text("not a dataset")
+        node_config = node_config | {"data-path": str(tmp_path)}
+    with pytest.raises(ValueError, match=message):
         client_fn(_context(run_config, node_config))
+
+
+def test_client_fn_builds_a_client_on_its_own_data_folder(run_config, tmp_path):
+    make_split(25, 3).to_parquet(str(tmp_path / "train-00000-of-00001.parquet"))
+    node_config = {"partition-id": 0, "num-partitions": 1, "data-path": str(tmp_path)}
+    numpy_client = client_fn(_context(run_config, node_config)).numpy_client
+    assert len(numpy_client.trainloader.dataset) == 20
+    assert len(numpy_client.valloader.dataset) == 5
 
 
 def test_weighted_average_weighs_by_examples():

@@ -103,3 +103,15 @@ def test_node_config_is_checked():
         NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 0})
     with pytest.raises(ValueError, match=r"no 'partition-id' key.*--node-config"):
         NodeSettings.from_node_config({"num-partitions": 2})
+
+
+def test_a_node_data_path_must_name_a_folder(tmp_path):
+    node = {"partition-id": 0, "num-partitions": 2}
+    assert NodeSettings.from_node_config(node).data_path is None
+    with_path = NodeSettings.from_node_config(node | {"data-path": str(tmp_path)})
+    assert with_path.data_path == str(tmp_path)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"'data-path' = '.*nowhere' .*no such folder"):
+        NodeSettings.from_node_config(node | {"data-path": missing})
+    with pytest.raises(ValueError, match=r"'data-path' = 3 .*non-empty string"):
+        NodeSettings.from_node_config(node | {"data-path": 3})

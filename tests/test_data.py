@@ -204,3 +204,52 @@ def test_on_cuda_the_data_lives_on_the_gpu(cifar_dir):
     assert torch.equal(
         trainloader.dataset.tensors[0].cpu(), cpu_train.dataset.tensors[0]
     )
+
+
+def _local_folder(root, splits: dict) -> str:
+    """A node's own data folder: <split>-00000-of-00001.parquet files."""
+    root.mkdir()
+    for name, split in splits.items():
+        split.to_parquet(str(root / f"{name}-00000-of-00001.parquet"))
+    return str(root)
+
+
+def test_a_local_data_folder_is_split_80_20_like_a_partition(tmp_path, cifar_dir):
+    folder = _local_folder(tmp_path / "site", {"train": make_split(50, 7)})
+    data = data_settings(cifar_dir, **{"batch-size": 8})
+    trainloader, valloader = task.load_local_data(folder, data)
+    assert (len(trainloader.dataset), len(valloader.dataset)) == (40, 10)
+    images = trainloader.dataset.tensors[0]
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+    expected = decode(load_dataset(folder, split="train"))[0]
+    both = torch.cat([images, valloader.dataset.tensors[0]])
+    assert sorted(_digests(both)) == sorted(_digests(expected))  # all of it, once
+
+
+def test_a_local_validation_split_is_used_as_is(tmp_path, cifar_dir):
+    splits = {"train": make_split(30, 7), "validation": make_split(12, 8)}
+    folder = _local_folder(tmp_path / "site", splits)
+    trainloader, valloader = task.load_local_data(folder, data_settings(cifar_dir))
+    assert (len(trainloader.dataset), len(valloader.dataset)) == (30, 12)
+    expected = decode(load_dataset(folder, split="validation"))[0]
+    assert _digests(valloader.dataset.tensors[0]) == _digests(expected)
+
+
+@pytest.mark.parametrize(
+    ("contents", "message"),
+    [
+        ({}, r"'data-path' = .* no dataset could be loaded from it"),
+        ({"test": make_split(10, 1)}, r"'data-path' = .* no 'train' split"),
+        (
+            {"train": make_split(10, 1).rename_column("img", "image")},
+            r"node config key 'data-path' .* lacks the column\(s\) \['img'\]",
+        ),
+    ],
+    ids=["empty", "no-train-split", "wrong-columns"],
+)
+def test_an_unusable_local_folder_is_a_clear_error(
+    tmp_path, cifar_dir, contents, message
+):
+    folder = _local_folder(tmp_path / "site", contents)
+    with pytest.raises(ValueError, match=message):
+        task.load_local_data(folder, data_settings(cifar_dir))

@@ -1,0 +1,385 @@
+"""flower_tutorial: a local deployment to try the Deployment Engine on one machine.
+
+Starts one SuperLink and N SuperNodes as separate processes on loopback, each
+SuperNode with its own ``partition-id`` (or its own data folder), adds a
+connection for them to the Flower Configuration, and stops every process again
+by PID::
+
+    python -m flower_tutorial.deployment start --supernodes 3 --dir deployment
+    flwr run . local-deployment --stream
+    python -m flower_tutorial.deployment stop --dir deployment
+
+With ``--secure``, the SuperLink serves TLS with a certificate from a CA made
+here, and admits only SuperNodes whose public keys were registered. Runs use the
+installed environment: runtime dependency installation is turned off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flower_tutorial import security
+
+STATE_FILE = "deployment.json"
+LOOPBACK = "127.0.0.1"
+# Seconds a process gets to exit on SIGTERM before it is killed.
+STOP_GRACE = 10.0
+
+
+@dataclass
+class Deployment:
+    """A running local deployment: where it lives and the PIDs of its processes."""
+
+    directory: Path
+    connection: str
+    superlink_port: int
+    secure: bool
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def certs(self) -> Path:
+        """The folder of the TLS files (with `secure`)."""
+        return self.directory / "certs"
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's address, for SuperNodes and `flwr`."""
+        return f"{LOOPBACK}:{self.superlink_port}"
+
+    def save(self) -> None:
+        """Record the deployment (after every process started: stop needs all PIDs)."""
+        state = asdict(self) | {"directory": str(self.directory)}
+        tmp = self.directory / f"{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.directory / STATE_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> Deployment:
+        """Read the deployment that `start` recorded in `directory`."""
+        path = directory / STATE_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"--dir {str(directory)!r} holds no {STATE_FILE}: expected the "
+                "folder of a deployment started with "
+                "`python -m flower_tutorial.deployment start`."
+            )
+        state = json.loads(path.read_text())
+        return cls(**(state | {"directory": Path(state["directory"])}))
+
+    def spawn(self, name: str, argv: Sequence[str]) -> int:
+        """Start `argv` in its own session, logging to <name>.log; record its PID."""
+        # The installed environment is the app's: no per-run `uv sync` (offline).
+        env = {"FLWR_TELEMETRY_ENABLED": "0"} | dict(os.environ)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        with open(self.directory / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                # Its own process group: stopping it also stops the ServerApp and
+                # ClientApp processes it starts.
+                start_new_session=True,
+            )
+        self.pids[name] = proc.pid
+        self.save()
+        return proc.pid
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        """Return the last lines of a process's log, for error messages."""
+        path = self.directory / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, names: Sequence[str] | None = None) -> list[str]:
+        """Stop processes (all by default) and their children, by PID.
+
+        SIGTERM to each process group first, SIGKILL to what is left after
+        STOP_GRACE seconds. Returns the names of those that had to be killed.
+        """
+        chosen = [n for n in self.pids if names is None or n in names]
+        targets = {n: self.pids[n] for n in chosen if _is_flower_group(self.pids[n])}
+        for pid in targets.values():
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(map(_group_alive, targets.values())):
+            time.sleep(0.2)
+        killed = [name for name, pid in targets.items() if _group_alive(pid)]
+        for name in killed:
+            _signal_group(targets[name], signal.SIGKILL)
+        for name in chosen:
+            del self.pids[name]
+        self.save()
+        return killed
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _group_members(pgid: int) -> dict[int, bytes] | None:
+    """Return {pid: command line} of the live processes of group `pgid`.
+
+    Zombies do not count. None where there is no /proc to read.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    members = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(group) == pgid and state != "Z":
+                members[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # the process ended while we looked
+    return members
+
+
+def _is_flower_group(pgid: int) -> bool:
+    """Whether process group `pgid` still holds a Flower process.
+
+    Its leader may have exited (a refused SuperNode) while a child of it (its
+    SuperExec) lives on; and a recorded PID may have been reused since.
+    """
+    members = _group_members(pgid)
+    if members is None:  # nothing to check by: trust the record
+        return True
+    return any(b"flower-super" in c or b"flwr-" in c for c in members.values())
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (reaping it first if it is our exited child)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    _alive(pgid)  # reap the leader if it is our child, so it is not counted
+    members = _group_members(pgid)
+    if members is not None:
+        return bool(members)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    """Return a TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(deployment: Deployment, name: str, port: int, timeout: float) -> None:
+    """Wait until `port` accepts connections; fail early if process `name` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(deployment.pids[name]):
+            raise RuntimeError(
+                f"{name} exited while starting; its log ends with:\n"
+                f"{deployment.log_tail(name)}"
+            )
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection((LOOPBACK, port), timeout=1),
+        ):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout:g} s.")
+
+
+def _bin(name: str) -> str:
+    # The entry points of the environment this runs in, whatever PATH says.
+    return str(Path(sys.executable).with_name(name))
+
+
+def superlink_argv(deployment: Deployment) -> list[str]:
+    """Return the SuperLink's command line: insecure, or TLS and node auth."""
+    argv = [
+        _bin("flower-superlink"),
+        "--port",
+        str(deployment.superlink_port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if not deployment.secure:
+        return [*argv, "--insecure"]
+    files = security.tls_files(deployment.certs)
+    return [
+        *argv,
+        "--ssl-ca-certfile",
+        str(files.ca_cert),
+        "--ssl-certfile",
+        str(files.server_cert),
+        "--ssl-keyfile",
+        str(files.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def supernode_argv(
+    deployment: Deployment, node_config: str, key: Path | None = None
+) -> list[str]:
+    """Return a SuperNode's command line; with TLS it trusts the deployment's CA."""
+    argv = [
+        _bin("flower-supernode"),
+        "--superlink",
+        deployment.address,
+        "--port",
+        str(free_port()),
+        "--node-config",
+        node_config,
+    ]
+    if not deployment.secure:
+        return [*argv, "--insecure"]
+    files = security.tls_files(deployment.certs)
+    argv += ["--root-certificates", str(files.ca_cert)]
+    if key is not None:
+        argv += ["--auth-supernode-private-key", str(key)]
+    return argv
+
+
+def node_config(partition_id: int, num_partitions: int, data_path: str | None) -> str:
+    """Return the --node-config string of SuperNode `partition_id`."""
+    config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if data_path is not None:
+        config += f" data-path={json.dumps(str(Path(data_path).resolve()))}"
+    return config
+
+
+def start(
+    directory: Path,
+    num_supernodes: int,
+    *,
+    secure: bool = False,
+    data_paths: dict[int, str] | None = None,
+    connection: str = "local-deployment",
+    timeout: float = 60.0,
+) -> Deployment:
+    """Start a SuperLink and `num_supernodes` SuperNodes; add the connection.
+
+    SuperNode i gets ``partition-id=i num-partitions=num_supernodes`` and, if
+    `data_paths` has an entry for i, ``data-path``. If anything fails to start,
+    whatever was started is stopped before the error is raised.
+    """
+    if num_supernodes < 1:
+        raise ValueError(
+            f"--supernodes = {num_supernodes} is not allowed: expected >= 1."
+        )
+    data_paths = data_paths or {}
+    for node, path in data_paths.items():
+        if not 0 <= node < num_supernodes:
+            raise ValueError(
+                f"--data-path {node}=... is not allowed: expected a SuperNode number "
+                f"in [0, {num_supernodes})."
+            )
+        if not Path(path).is_dir():
+            raise ValueError(f"--data-path {node}={path!r}: no such folder.")
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / STATE_FILE).exists() and Deployment.load(directory).pids:
+        raise ValueError(
+            f"--dir {str(directory)!r} holds a deployment that is still running: "
+            "stop it first (`python -m flower_tutorial.deployment stop`)."
+        )
+    deployment = Deployment(directory.resolve(), connection, free_port(), secure)
+    try:
+        # A restart in the same folder keeps the CA (and keys) users already trust.
+        if secure and not security.tls_files(deployment.certs).ca_cert.exists():
+            security.make_tls_files(deployment.certs)
+        deployment.spawn("superlink", superlink_argv(deployment))
+        wait_for_port(deployment, "superlink", deployment.superlink_port, timeout)
+        security.add_connection(deployment)
+        for i in range(num_supernodes):
+            key = None
+            if secure:
+                key = deployment.directory / "keys" / f"supernode-{i}"
+                if not key.exists():
+                    security.make_supernode_key(key.parent, key.name)
+                security.register_supernode(deployment, key)
+            config = node_config(i, num_supernodes, data_paths.get(i))
+            deployment.spawn(f"supernode-{i}", supernode_argv(deployment, config, key))
+    except BaseException:
+        deployment.stop()
+        raise
+    return deployment
+
+
+def _data_path_arg(text: str) -> tuple[int, str]:
+    number, sep, path = text.partition("=")
+    if not sep or not number.isdigit() or not path:
+        raise argparse.ArgumentTypeError(
+            f"--data-path {text!r} is not allowed: expected NODE=FOLDER, "
+            "e.g. 2=/data/site-2."
+        )
+    return int(number), path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: start or stop a local deployment."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flower_tutorial.deployment", description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    start_cmd = commands.add_parser("start", help="start a SuperLink and SuperNodes")
+    start_cmd.add_argument("--supernodes", type=int, default=10)
+    start_cmd.add_argument("--secure", action="store_true", help="TLS + node auth")
+    start_cmd.add_argument(
+        "--data-path",
+        type=_data_path_arg,
+        action="append",
+        default=[],
+        help="NODE=FOLDER: SuperNode NODE trains on its own folder (repeatable)",
+    )
+    start_cmd.add_argument("--connection", default="local-deployment")
+    stop_cmd = commands.add_parser("stop", help="stop every process of a deployment")
+    for cmd in (start_cmd, stop_cmd):
+        cmd.add_argument("--dir", type=Path, default=Path("deployment"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start":
+            deployment = start(
+                args.dir,
+                args.supernodes,
+                secure=args.secure,
+                data_paths=dict(args.data_path),
+                connection=args.connection,
+            )
+            print(
+                f"SuperLink at {deployment.address} and {args.supernodes} SuperNodes "
+                f"started (logs and PIDs in {deployment.directory}).\n"
+                f"Run the app:  flwr run . {deployment.connection} --stream\n"
+                f"Stop it all:  python -m flower_tutorial.deployment stop "
+                f"--dir {args.dir}"
+            )
+        else:
+            deployment = Deployment.load(args.dir)
+            killed = deployment.stop()
+            note = f" ({', '.join(killed)} had to be killed)" if killed else ""
+            print(f"Stopped the deployment in {deployment.directory}{note}.")
+    except ValueError as ex:
+        parser.exit(2, f"error: {ex}\n")
+
+
+if __name__ == "__main__":
+    main()

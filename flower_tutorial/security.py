@@ -1,0 +1,228 @@
+"""flower_tutorial: TLS certificates and SuperNode keys for a secured deployment.
+
+Flower 1.42 secures a deployment in two layers:
+
+- TLS: the SuperLink serves its APIs over HTTPS with a server certificate signed
+  by a CA; SuperNodes (``--root-certificates``) and ``flwr`` (``root-certificates``
+  in the Flower Configuration) trust that CA. The certificate must name every
+  address it is reached by (127.0.0.1 included: the SuperLink's own SuperExec
+  connects there).
+- SuperNode authentication (``flower-superlink --enable-supernode-auth``): each
+  SuperNode holds an EC key pair in OpenSSH format; its public key is registered
+  with ``flwr supernode register`` before it starts, and an unregistered node is
+  refused.
+
+Command line, for a real server (certificates) and each organization (keys)::
+
+    python -m flower_tutorial.security tls --dir certs --host superlink.example.org
+    python -m flower_tutorial.security supernode-key --dir keys --name org-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from flwr.cli.flower_config import write_superlink_connection
+from flwr.cli.typing import SuperLinkConnection
+
+if TYPE_CHECKING:
+    from flower_tutorial.deployment import Deployment
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+VALID_DAYS = 365
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where the CA and the SuperLink's certificate and key are kept."""
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+
+def tls_files(certs: Path) -> TlsFiles:
+    """Return the TLS file names in the folder `certs`."""
+    return TlsFiles(
+        certs / "ca.crt", certs / "ca.key", certs / "server.pem", certs / "server.key"
+    )
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: str) -> None:
+    """Write a private key readable by its owner only."""
+    encoding = {
+        "pem": (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8),
+        "openssh": (serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH),
+    }[fmt]
+    path.touch(mode=0o600, exist_ok=False)
+    path.write_bytes(key.private_bytes(*encoding, serialization.NoEncryption()))
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_tls_files(certs: Path, hosts: Sequence[str] = LOOPBACK_NAMES) -> TlsFiles:
+    """Create a CA and a SuperLink certificate for `hosts` in the folder `certs`.
+
+    Refuses to overwrite existing files: a new CA would silently invalidate the
+    copies that SuperNodes and users already trust.
+    """
+    files = tls_files(certs)
+    certs.mkdir(parents=True, exist_ok=True)
+    existing = [p for p in vars(files).values() if p.exists()]
+    if existing:
+        raise ValueError(
+            f"TLS files exist already: {', '.join(map(str, existing))}; "
+            "remove them first to make a new CA."
+        )
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flower-tutorial CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write_key(files.ca_key, ca_key, "pem")
+    _write_key(files.server_key, server_key, "pem")
+    pem = serialization.Encoding.PEM
+    files.ca_cert.write_bytes(ca_cert.public_bytes(pem))
+    files.server_cert.write_bytes(server_cert.public_bytes(pem))
+    return files
+
+
+def public_key_path(private_key: Path) -> Path:
+    """Return where the public key of `private_key` is kept (as ssh-keygen does)."""
+    return private_key.with_name(private_key.name + ".pub")
+
+
+def make_supernode_key(keys: Path, name: str) -> Path:
+    """Create a SuperNode's key pair (`name`, `name`.pub) in the folder `keys`.
+
+    EC P-384 in OpenSSH format, the kind ``flwr supernode register`` and
+    ``flower-supernode --auth-supernode-private-key`` accept. Returns the
+    private key's path.
+    """
+    keys.mkdir(parents=True, exist_ok=True)
+    private = keys / name
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_key(private, key, "openssh")
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    public_key_path(private).write_bytes(public + f" {name}\n".encode())
+    return private
+
+
+def add_connection(deployment: Deployment) -> None:
+    """Add (or replace) the deployment's connection in the Flower Configuration."""
+    if deployment.secure:
+        ca = str(tls_files(deployment.certs).ca_cert)
+        connection = SuperLinkConnection(
+            name=deployment.connection, address=deployment.address, root_certificates=ca
+        )
+    else:
+        connection = SuperLinkConnection(
+            name=deployment.connection, address=deployment.address, insecure=True
+        )
+    write_superlink_connection(connection)
+
+
+def register_supernode(deployment: Deployment, private_key: Path) -> int:
+    """Register a SuperNode's public key with the SuperLink; return its node ID."""
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    public_key = public_key_path(private_key)
+    argv = [flwr, "supernode", "register", str(public_key), deployment.connection]
+    done = subprocess.run(
+        [*argv, "--format", "json"], capture_output=True, text=True, timeout=60
+    )
+    try:
+        reply = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        reply = {}
+    if not reply.get("success"):
+        raise RuntimeError(
+            f"`flwr supernode register {public_key}` failed: "
+            f"{done.stdout.strip()} {done.stderr.strip()}"
+        )
+    return int(reply["node-id"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: make TLS files or a SuperNode key pair."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flower_tutorial.security", description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    tls = commands.add_parser("tls", help="a CA, and a SuperLink certificate and key")
+    tls.add_argument("--dir", type=Path, required=True)
+    tls.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a name or IP address SuperNodes and flwr reach the SuperLink by "
+        "(repeatable; 127.0.0.1 and localhost are always included)",
+    )
+    node = commands.add_parser("supernode-key", help="a SuperNode's key pair")
+    node.add_argument("--dir", type=Path, required=True)
+    node.add_argument("--name", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "tls":
+            hosts = [*args.host, *(h for h in LOOPBACK_NAMES if h not in args.host)]
+            files = make_tls_files(args.dir, hosts)
+            print(
+                f"CA: {files.ca_cert}\nSuperLink: {files.server_cert}, key "
+                f"{files.server_key}\nCertificate names: {', '.join(hosts)}"
+            )
+        else:
+            private = make_supernode_key(args.dir, args.name)
+            print(f"Private key: {private}\nPublic key: {public_key_path(private)}")
+    except (ValueError, FileExistsError) as ex:
+        parser.exit(2, f"error: {ex}\n")
+
+
+if __name__ == "__main__":
+    main()
