@@ -1,6 +1,7 @@
 """flower_tutorial: a local deployment to try the Deployment Engine on one machine.
 
-Starts one SuperLink and N SuperNodes as separate processes on loopback, each
+Starts one SuperLink and N SuperNodes as separate processes on loopback (Linux:
+processes are found through /proc when stopping), each
 SuperNode with its own ``partition-id`` (or its own data folder), adds a
 connection for them to the Flower Configuration, and stops every process again
 by PID::
@@ -28,6 +29,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from click import ClickException
 
 from flower_tutorial import security
 
@@ -82,15 +85,19 @@ class Deployment:
         # The installed environment is the app's: no per-run `uv sync` (offline).
         env = {"FLWR_TELEMETRY_ENABLED": "0"} | dict(os.environ)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        with open(self.directory / f"{name}.log", "ab") as log:
+        # Flower starts its SuperExec, ServerApp and ClientApp processes by name:
+        # from this environment, also when it is not activated.
+        bin_dir = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+        with open(self.directory / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
                 list(argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
-                # Its own process group: stopping it also stops the ServerApp and
-                # ClientApp processes it starts.
+                # Its own process group, apart from the caller's (Ctrl-C in the
+                # terminal that ran `start` does not reach it).
                 start_new_session=True,
             )
         self.pids[name] = proc.pid
@@ -103,86 +110,84 @@ class Deployment:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self, names: Sequence[str] | None = None) -> list[str]:
-        """Stop processes (all by default) and their children, by PID.
+    def stop(self, names: Sequence[str] | None = None) -> list[int]:
+        """Stop processes (all by default) and everything they started, by PID.
 
-        SIGTERM to each process group first, SIGKILL to what is left after
-        STOP_GRACE seconds. Returns the names of those that had to be killed.
+        SIGTERM to each recorded process, its process group and its descendants
+        (Flower starts its SuperExec in a session of its own), SIGKILL to those
+        left after STOP_GRACE seconds. Returns the PIDs that had to be killed.
         """
         chosen = [n for n in self.pids if names is None or n in names]
-        targets = {n: self.pids[n] for n in chosen if _is_flower_group(self.pids[n])}
-        for pid in targets.values():
-            _signal_group(pid, signal.SIGTERM)
+        procs = _flower_trees({self.pids[n] for n in chosen})
+        for pid in procs:
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline and any(map(_group_alive, targets.values())):
+        while time.monotonic() < deadline and any(map(_running, procs)):
             time.sleep(0.2)
-        killed = [name for name, pid in targets.items() if _group_alive(pid)]
-        for name in killed:
-            _signal_group(targets[name], signal.SIGKILL)
+        killed = [pid for pid in procs if _running(pid)]
+        for pid in killed:
+            _signal(pid, signal.SIGKILL)
         for name in chosen:
             del self.pids[name]
         self.save()
         return killed
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _signal(pid: int, sig: int) -> None:
+    """Send `sig` to `pid`, which may have exited meanwhile."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
+        os.kill(pid, sig)
 
 
-def _group_members(pgid: int) -> dict[int, bytes] | None:
-    """Return {pid: command line} of the live processes of group `pgid`.
-
-    Zombies do not count. None where there is no /proc to read.
-    """
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return None
-    members = {}
-    for stat in proc.glob("[0-9]*/stat"):
+def _process_table() -> dict[int, tuple[int, int, str, bytes]]:
+    """Return {pid: (parent pid, process group, state, command line)} from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            if int(group) == pgid and state != "Z":
-                members[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+            state, ppid, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, ValueError):
             continue  # the process ended while we looked
-    return members
+        table[int(stat.parent.name)] = (int(ppid), int(pgid), state, cmdline)
+    return table
 
 
-def _is_flower_group(pgid: int) -> bool:
-    """Whether process group `pgid` still holds a Flower process.
+def _flower_trees(roots: set[int]) -> set[int]:
+    """Return the live processes of the groups led by `roots`, and their descendants.
 
-    Its leader may have exited (a refused SuperNode) while a child of it (its
-    SuperExec) lives on; and a recorded PID may have been reused since.
+    A group counts only while it still holds a Flower process: its leader may
+    have exited (a refused SuperNode) while a child lives on, and a recorded
+    PID may have been reused by another program since.
     """
-    members = _group_members(pgid)
-    if members is None:  # nothing to check by: trust the record
-        return True
-    return any(b"flower-super" in c or b"flwr-" in c for c in members.values())
+    table = _process_table()
+    groups = {
+        root
+        for root in roots
+        if any(
+            pgid == root and (b"flower-" in cmd or b"flwr-" in cmd)
+            for _, pgid, _, cmd in table.values()
+        )
+    }
+    found = {pid for pid, (_, pgid, _, _) in table.items() if pgid in groups}
+    stack = list(found)
+    while stack:
+        parent = stack.pop()
+        children = {pid for pid, (ppid, _, _, _) in table.items() if ppid == parent}
+        stack.extend(children - found)
+        found |= children
+    return {pid for pid in found if table[pid][2] != "Z"}
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (reaping it first if it is our exited child)."""
+def _running(pid: int) -> bool:
+    """Whether `pid` runs: not gone, not a zombie (reaped here if our child)."""
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    _alive(pgid)  # reap the leader if it is our child, so it is not counted
-    members = _group_members(pgid)
-    if members is not None:
-        return bool(members)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return state != "Z"
 
 
 def free_port() -> int:
@@ -196,7 +201,7 @@ def wait_for_port(deployment: Deployment, name: str, port: int, timeout: float) 
     """Wait until `port` accepts connections; fail early if process `name` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(deployment.pids[name]):
+        if not _running(deployment.pids[name]):
             raise RuntimeError(
                 f"{name} exited while starting; its log ends with:\n"
                 f"{deployment.log_tail(name)}"
@@ -211,7 +216,7 @@ def wait_for_port(deployment: Deployment, name: str, port: int, timeout: float) 
 
 
 def _bin(name: str) -> str:
-    # The entry points of the environment this runs in, whatever PATH says.
+    """Return the path of command `name` in the environment this runs in."""
     return str(Path(sys.executable).with_name(name))
 
 
@@ -239,15 +244,18 @@ def superlink_argv(deployment: Deployment) -> list[str]:
 
 
 def supernode_argv(
-    deployment: Deployment, node_config: str, key: Path | None = None
+    deployment: Deployment, node_config: str, port: int, key: Path | None = None
 ) -> list[str]:
-    """Return a SuperNode's command line; with TLS it trusts the deployment's CA."""
+    """Return a SuperNode's command line; with TLS it trusts the deployment's CA.
+
+    `port` is the SuperNode's own API (for its ClientApp processes), one per node.
+    """
     argv = [
         _bin("flower-supernode"),
         "--superlink",
         deployment.address,
         "--port",
-        str(free_port()),
+        str(port),
         "--node-config",
         node_config,
     ]
@@ -264,7 +272,8 @@ def node_config(partition_id: int, num_partitions: int, data_path: str | None) -
     """Return the --node-config string of SuperNode `partition_id`."""
     config = f"partition-id={partition_id} num-partitions={num_partitions}"
     if data_path is not None:
-        config += f" data-path={json.dumps(str(Path(data_path).resolve()))}"
+        # A TOML literal string: no escapes, so Windows-style backslashes survive.
+        config += f" data-path='{Path(data_path).resolve()}'"
     return config
 
 
@@ -296,6 +305,11 @@ def start(
             )
         if not Path(path).is_dir():
             raise ValueError(f"--data-path {node}={path!r}: no such folder.")
+        if "'" in str(Path(path).resolve()):
+            raise ValueError(
+                f"--data-path {node}={path!r} is not allowed: Flower's node config "
+                "cannot carry a path with a single quote (')."
+            )
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / STATE_FILE).exists() and Deployment.load(directory).pids:
         raise ValueError(
@@ -310,6 +324,7 @@ def start(
         deployment.spawn("superlink", superlink_argv(deployment))
         wait_for_port(deployment, "superlink", deployment.superlink_port, timeout)
         security.add_connection(deployment)
+        ports: dict[str, int] = {}
         for i in range(num_supernodes):
             key = None
             if secure:
@@ -318,7 +333,13 @@ def start(
                     security.make_supernode_key(key.parent, key.name)
                 security.register_supernode(deployment, key)
             config = node_config(i, num_supernodes, data_paths.get(i))
-            deployment.spawn(f"supernode-{i}", supernode_argv(deployment, config, key))
+            ports[f"supernode-{i}"] = port = free_port()
+            argv = supernode_argv(deployment, config, port, key)
+            deployment.spawn(f"supernode-{i}", argv)
+        # A SuperNode that cannot start (port taken, key refused) fails here, not
+        # later as a run waiting for nodes that never come.
+        for name, port in ports.items():
+            wait_for_port(deployment, name, port, timeout)
     except BaseException:
         deployment.stop()
         raise
@@ -375,10 +396,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             deployment = Deployment.load(args.dir)
             killed = deployment.stop()
-            note = f" ({', '.join(killed)} had to be killed)" if killed else ""
+            note = f" ({len(killed)} had to be killed)" if killed else ""
             print(f"Stopped the deployment in {deployment.directory}{note}.")
     except ValueError as ex:
         parser.exit(2, f"error: {ex}\n")
+    except (RuntimeError, ClickException) as ex:  # a process failed to start
+        parser.exit(1, f"error: {ex}\n")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,26 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: str) -> None:
     path.write_bytes(key.private_bytes(*encoding, serialization.NoEncryption()))
 
 
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """Return what a CA key (signing certificates) or a TLS server key may do.
+
+    Strict X.509 checking (Python 3.13's default for HTTPS clients) requires it.
+    """
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _san(host: str) -> x509.GeneralName:
+    """Return a subjectAltName entry: an IP address or a DNS name."""
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -93,8 +112,10 @@ def make_tls_files(certs: Path, hosts: Sequence[str] = LOOPBACK_NAMES) -> TlsFil
             f"TLS files exist already: {', '.join(map(str, existing))}; "
             "remove them first to make a new CA."
         )
-    now = datetime.datetime.now(datetime.UTC)
+    # A few minutes back, for machines whose clocks differ a little.
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flower-tutorial CA")])
     ca_cert = (
         x509.CertificateBuilder()
@@ -105,6 +126,8 @@ def make_tls_files(certs: Path, hosts: Sequence[str] = LOOPBACK_NAMES) -> TlsFil
         .not_valid_before(now)
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -122,6 +145,15 @@ def make_tls_files(certs: Path, hosts: Sequence[str] = LOOPBACK_NAMES) -> TlsFil
         )
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
         )
         .sign(ca_key, hashes.SHA384())
     )

@@ -134,10 +134,12 @@ class TutorialFedAvg(FedAvg):
             lambda res: check_update(res, self.global_arrays),
         )
         # Examples per organization: how much each update weighed in the average.
-        examples = {
-            str(res.metrics.get(PARTITION_ID, proxy.cid)): res.num_examples
-            for proxy, res in good
-        }
+        examples: dict[str, int] = {}
+        for proxy, res in good:
+            key = str(res.metrics.get(PARTITION_ID, proxy.cid))
+            if key in examples:  # two nodes set up with the same partition-id
+                key = f"{key} (node {proxy.cid})"
+            examples[key] = res.num_examples
         self.recorder.record(
             server_round,
             fit_clients=len(good),

@@ -30,6 +30,9 @@ Batch = dict[str, torch.Tensor]
 # Columns of `uoft-cs/cifar10`; a local folder must use the same schema.
 IMAGE_KEY = "img"
 LABEL_KEY = "label"
+# What `Net` takes: (channels, height, width) and the number of classes.
+IMAGE_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
 
 
 class Net(nn.Module):
@@ -42,7 +45,7 @@ class Net(nn.Module):
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
+        self.fc3 = nn.Linear(84, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the logits of the 10 classes for a batch of images."""
@@ -357,9 +360,37 @@ def _decoded_folder(
         _check_schema(split, data_path, key=f"node config key '{DATA_PATH}' =")
     if "validation" in splits:
         parts = {"train": splits["train"], "test": splits["validation"]}
-    else:
+    elif len(splits["train"]) >= 2:
         parts = splits["train"].train_test_split(test_size=0.2, seed=seed)
-    return {name: tuple(t.to(device) for t in decode(parts[name])) for name in parts}
+    else:
+        raise ValueError(
+            f"{key} is not allowed: its train split holds {len(splits['train'])} "
+            "image(s), too few to split into training and validation data."
+        )
+    decoded = {}
+    for name, split in parts.items():
+        try:
+            images, labels = decode(split)
+        except ValueError as ex:  # np.stack: images of different sizes
+            raise ValueError(f"{key}: its images differ in size ({ex}).") from ex
+        _check_images(images, labels, key)
+        decoded[name] = (images.to(device), labels.to(device))
+    return decoded
+
+
+def _check_images(images: torch.Tensor, labels: torch.Tensor, key: str) -> None:
+    """Check decoded data against what `Net` takes: 32x32 RGB, labels 0-9."""
+    if tuple(images.shape[1:]) != IMAGE_SHAPE:
+        raise ValueError(
+            f"{key} is not allowed: its images are {tuple(images.shape[1:])} "
+            f"(channels, height, width), the CNN takes {IMAGE_SHAPE}."
+        )
+    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if len(bad):
+        raise ValueError(
+            f"{key} is not allowed: label {int(bad[0])} is outside "
+            f"[0, {NUM_CLASSES}), CIFAR-10's classes."
+        )
 
 
 def load_local_data(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import NUM_TEST, NUM_TRAIN, data_settings, make_split, write_hub_layout
-from datasets import load_dataset
+from datasets import Value, load_dataset
 from torchvision.transforms import Compose, Normalize, ToTensor
 
 from flower_tutorial import task
@@ -206,6 +206,11 @@ def test_on_cuda_the_data_lives_on_the_gpu(cifar_dir):
     )
 
 
+def _resized(split, size: int):
+    """The split with its images scaled to size x size."""
+    return split.map(lambda row: {"img": row["img"].resize((size, size))})
+
+
 def _local_folder(root, splits: dict) -> str:
     """A node's own data folder: <split>-00000-of-00001.parquet files."""
     root.mkdir()
@@ -244,8 +249,21 @@ def test_a_local_validation_split_is_used_as_is(tmp_path, cifar_dir):
             {"train": make_split(10, 1).rename_column("img", "image")},
             r"node config key 'data-path' .* lacks the column\(s\) \['img'\]",
         ),
+        ({"train": make_split(1, 1)}, r"'data-path' = .* holds 1 image\(s\)"),
+        (
+            {"train": _resized(make_split(10, 1), 16)},
+            r"images are \(3, 16, 16\) .* takes \(3, 32, 32\)",
+        ),
+        (
+            {
+                "train": make_split(10, 1)
+                .cast_column("label", Value("int64"))
+                .map(lambda row: {"label": row["label"] + 10})
+            },
+            r"label 1\d is outside \[0, 10\)",
+        ),
     ],
-    ids=["empty", "no-train-split", "wrong-columns"],
+    ids=["empty", "no-train-split", "wrong-columns", "one-image", "16x16", "label"],
 )
 def test_an_unusable_local_folder_is_a_clear_error(
     tmp_path, cifar_dir, contents, message
