@@ -80,10 +80,15 @@ class Deployment:
         state = json.loads(path.read_text())
         return cls(**(state | {"directory": Path(state["directory"])}))
 
-    def spawn(self, name: str, argv: Sequence[str]) -> int:
-        """Start `argv` in its own session, logging to <name>.log; record its PID."""
+    def spawn(
+        self, name: str, argv: Sequence[str], defaults: dict[str, str] | None = None
+    ) -> int:
+        """Start `argv` in its own session, logging to <name>.log; record its PID.
+
+        `defaults` are environment variables the caller's environment may override.
+        """
         # The installed environment is the app's: no per-run `uv sync` (offline).
-        env = {"FLWR_TELEMETRY_ENABLED": "0"} | dict(os.environ)
+        env = {"FLWR_TELEMETRY_ENABLED": "0", **(defaults or {})} | dict(os.environ)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         # Flower starts its SuperExec, ServerApp and ClientApp processes by name:
         # from this environment, also when it is not activated.
@@ -325,6 +330,10 @@ def start(
         wait_for_port(deployment, "superlink", deployment.superlink_port, timeout)
         security.add_connection(deployment)
         ports: dict[str, int] = {}
+        # The SuperNodes share this machine's cores, as Ray's clients do in
+        # simulation: PyTorch's default of one thread per core in every ClientApp
+        # process oversubscribes them (measured: rounds 2.3x slower with 3 nodes).
+        threads = str(max(1, (os.cpu_count() or 1) // num_supernodes))
         for i in range(num_supernodes):
             key = None
             if secure:
@@ -335,7 +344,7 @@ def start(
             config = node_config(i, num_supernodes, data_paths.get(i))
             ports[f"supernode-{i}"] = port = free_port()
             argv = supernode_argv(deployment, config, port, key)
-            deployment.spawn(f"supernode-{i}", argv)
+            deployment.spawn(f"supernode-{i}", argv, {"OMP_NUM_THREADS": threads})
         # A SuperNode that cannot start (port taken, key refused) fails here, not
         # later as a run waiting for nodes that never come.
         for name, port in ports.items():

@@ -225,3 +225,24 @@ def test_node_config_quotes_the_data_path(tmp_path):
     assert deployment.node_config(3, 10, str(site)) == (
         f"partition-id=3 num-partitions=10 data-path='{site}'"
     )
+
+
+@pytest.mark.parametrize(("user_value", "expected"), [(None, "1"), ("3", "3")])
+def test_spawn_defaults_give_way_to_the_callers_environment(
+    tmp_path, monkeypatch, user_value, expected
+):
+    if user_value is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_value)
+    dep = deployment.Deployment(tmp_path, "test", 0, secure=False)
+    code = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['PATH'])"
+    pid = dep.spawn("probe", [sys.executable, "-c", code], {"OMP_NUM_THREADS": "1"})
+    os.waitpid(pid, 0)
+    threads, path = (tmp_path / "probe.log").read_text().split(maxsplit=1)
+    assert threads == expected
+    # Flower's own commands are found in this environment first.
+    assert path.startswith(str(Path(sys.executable).parent))
+    assert json.loads((tmp_path / "deployment.json").read_text())["pids"] == {
+        "probe": pid
+    }
