@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from click import ClickException
+from flwr.cli.flower_config import write_superlink_connection
+from flwr.cli.typing import SuperLinkConnection
 
 from flower_tutorial import security
 
@@ -273,6 +275,42 @@ def supernode_argv(
     return argv
 
 
+def add_connection(deployment: Deployment) -> None:
+    """Add (or replace) the deployment's connection in the Flower Configuration."""
+    if deployment.secure:
+        ca = str(security.tls_files(deployment.certs).ca_cert)
+        connection = SuperLinkConnection(
+            name=deployment.connection, address=deployment.address, root_certificates=ca
+        )
+    else:
+        connection = SuperLinkConnection(
+            name=deployment.connection, address=deployment.address, insecure=True
+        )
+    write_superlink_connection(connection)
+
+
+def register_supernode(deployment: Deployment, private_key: Path) -> int:
+    """Register a SuperNode's public key with the SuperLink; return its node ID."""
+    public_key = security.public_key_path(private_key)
+    argv = [_bin("flwr"), "supernode", "register", str(public_key)]
+    done = subprocess.run(
+        [*argv, deployment.connection, "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        reply = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        reply = {}
+    if not reply.get("success"):
+        raise RuntimeError(
+            f"`flwr supernode register {public_key}` failed: "
+            f"{done.stdout.strip()} {done.stderr.strip()}"
+        )
+    return int(reply["node-id"])
+
+
 def node_config(partition_id: int, num_partitions: int, data_path: str | None) -> str:
     """Return the --node-config string of SuperNode `partition_id`."""
     config = f"partition-id={partition_id} num-partitions={num_partitions}"
@@ -328,7 +366,7 @@ def start(
             security.make_tls_files(deployment.certs)
         deployment.spawn("superlink", superlink_argv(deployment))
         wait_for_port(deployment, "superlink", deployment.superlink_port, timeout)
-        security.add_connection(deployment)
+        add_connection(deployment)
         ports: dict[str, int] = {}
         # The SuperNodes share this machine's cores, as Ray's clients do in
         # simulation: PyTorch's default of one thread per core in every ClientApp
@@ -340,7 +378,7 @@ def start(
                 key = deployment.directory / "keys" / f"supernode-{i}"
                 if not key.exists():
                     security.make_supernode_key(key.parent, key.name)
-                security.register_supernode(deployment, key)
+                register_supernode(deployment, key)
             config = node_config(i, num_supernodes, data_paths.get(i))
             ports[f"supernode-{i}"] = port = free_port()
             argv = supernode_argv(deployment, config, port, key)

@@ -10,7 +10,7 @@ Flower 1.42 secures a deployment in two layers:
 - SuperNode authentication (``flower-superlink --enable-supernode-auth``): each
   SuperNode holds an EC key pair in OpenSSH format; its public key is registered
   with ``flwr supernode register`` before it starts, and an unregistered node is
-  refused.
+  refused. (Registering, and adding a connection for `flwr`: deployment.py.)
 
 Command line, for a real server (certificates) and each organization (keys)::
 
@@ -23,23 +23,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import json
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flwr.cli.flower_config import write_superlink_connection
-from flwr.cli.typing import SuperLinkConnection
-
-if TYPE_CHECKING:
-    from flower_tutorial.deployment import Deployment
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 VALID_DAYS = 365
@@ -186,40 +177,6 @@ def make_supernode_key(keys: Path, name: str) -> Path:
     )
     public_key_path(private).write_bytes(public + f" {name}\n".encode())
     return private
-
-
-def add_connection(deployment: Deployment) -> None:
-    """Add (or replace) the deployment's connection in the Flower Configuration."""
-    if deployment.secure:
-        ca = str(tls_files(deployment.certs).ca_cert)
-        connection = SuperLinkConnection(
-            name=deployment.connection, address=deployment.address, root_certificates=ca
-        )
-    else:
-        connection = SuperLinkConnection(
-            name=deployment.connection, address=deployment.address, insecure=True
-        )
-    write_superlink_connection(connection)
-
-
-def register_supernode(deployment: Deployment, private_key: Path) -> int:
-    """Register a SuperNode's public key with the SuperLink; return its node ID."""
-    flwr = str(Path(sys.executable).with_name("flwr"))
-    public_key = public_key_path(private_key)
-    argv = [flwr, "supernode", "register", str(public_key), deployment.connection]
-    done = subprocess.run(
-        [*argv, "--format", "json"], capture_output=True, text=True, timeout=60
-    )
-    try:
-        reply = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        reply = {}
-    if not reply.get("success"):
-        raise RuntimeError(
-            f"`flwr supernode register {public_key}` failed: "
-            f"{done.stdout.strip()} {done.stderr.strip()}"
-        )
-    return int(reply["node-id"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

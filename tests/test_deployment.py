@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from flower_tutorial import deployment, security
 
-FLWR = str(Path(sys.executable).with_name("flwr"))
+FLWR = deployment._bin("flwr")
 
 
 @pytest.fixture
