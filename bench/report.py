@@ -1,4 +1,4 @@
-"""Write BENCHMARKS.md and bench/benchmark.png from bench/results.json."""
+"""Write the benchmark report into docs/performance.md, and docs/benchmark.png."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# docs/performance.md holds the report between these two lines.
+REPORT_START = (
+    "<!-- benchmark report: written by bench/report.py from bench/results.json -->"
+)
+REPORT_END = "<!-- end of benchmark report -->"
 HEADER = (
     "| pipeline | CPUs per client | wall s | ServerApp s | start-up s "
     "| round 1 / later rounds s | training samples/s | of floor | peak RSS GiB "
@@ -73,13 +78,13 @@ def write_report(results: dict[str, Any], root: Path) -> None:
     speedup_cpu2 = a2["server_seconds"] / b2["server_seconds"]
     fit_ratio = b["fit_samples_per_second"] / floor["samples_per_second"]
     steady_ratio = steady_fit / floor["samples_per_second"]
-    text = f"""# Benchmarks
+    text = f"""## Benchmark report
 
 Measured by `{results["command"]}` on one machine ({machine["cores"]} cores,
 Python {machine["python"]}), in one run, each line in a fresh process tree. Absolute
 times vary between machines: the ratios are what count.
 
-## The tutorial's federation: {clients} clients, {rounds} rounds, 1 epoch, batch 32
+### The tutorial's federation: {clients} clients, {rounds} rounds, 1 epoch, batch 32
 
 {HEADER}
 {_row("(a) tutorial as written", a, floor)}
@@ -126,7 +131,7 @@ Where a later round of (b), 1 CPU, goes: {later:.2f} s in all: {fit:.2f} s fitti
 evaluation, and the rest, {later - fit - evaluate:.2f} s, centralized evaluation of
 the 10,000 test images on the server.
 
-## Many clients (this app, 1 CPU per client)
+### Many clients (this app, 1 CPU per client)
 
 About ten clients train each round; all share the same 50,000 training images, so
 each holds fewer. Round 1 includes asking every node which partition it holds, once,
@@ -135,10 +140,18 @@ for reproducible sampling.
 {SCALE_HEADER}
 {chr(10).join(_scale_row(r) for r in results["scale"])}
 
-![benchmark](bench/benchmark.png)
+![benchmark](benchmark.png)
 """
-    (root / "BENCHMARKS.md").write_text(text)
-    _plot(results, root / "bench" / "benchmark.png")
+    _write_between_markers(root / "docs" / "performance.md", text)
+    _plot(results, root / "docs" / "benchmark.png")
+
+
+def _write_between_markers(path: Path, text: str) -> None:
+    """Replace what stands between the report's two markers in `path`."""
+    page = path.read_text()
+    before, rest = page.split(REPORT_START, 1)
+    _, after = rest.split(REPORT_END, 1)
+    path.write_text(f"{before}{REPORT_START}\n\n{text}\n{REPORT_END}{after}")
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

@@ -46,8 +46,8 @@ class FlowerClient(NumPyClient):
         self.device = get_device()
 
     def get_properties(self, config: Config) -> dict[str, Scalar]:
-        """Tell the server which partition this node holds."""
-        return self.identity()
+        """Tell the server which partition this node holds (it orders sampling)."""
+        return {PARTITION_ID: self.partition_id, NUM_PARTITIONS: self.num_partitions}
 
     def get_parameters(self, config: Config) -> NDArrays:
         """Return the local model's parameters."""
@@ -72,8 +72,7 @@ class FlowerClient(NumPyClient):
             device=self.device,
         )
         num_examples = len(self.trainloader.dataset)
-        metrics = {"train_loss": train_loss, **self.identity()}
-        return get_parameters(self.net), num_examples, metrics
+        return get_parameters(self.net), num_examples, {"train_loss": train_loss}
 
     def evaluate(
         self, parameters: NDArrays, config: Config
@@ -81,12 +80,7 @@ class FlowerClient(NumPyClient):
         """Evaluate the received model on the local validation data."""
         set_parameters(self.net, parameters)
         loss, accuracy = test(self.net, self.valloader, self.device)
-        metrics = {"accuracy": accuracy, **self.identity()}
-        return loss, len(self.valloader.dataset), metrics
-
-    def identity(self) -> dict[str, Scalar]:
-        """Tell the server which partition this is, for reproducible sampling."""
-        return {PARTITION_ID: self.partition_id, NUM_PARTITIONS: self.num_partitions}
+        return loss, len(self.valloader.dataset), {"accuracy": accuracy}
 
 
 def client_fn(context: Context) -> Client:

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only: runs happen on servers and in Ray workers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flwr_datasets.partitioner import Partitioner  # noqa: E402
+from flwr_datasets.visualization import plot_label_distributions  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # One series of a curve plot: label -> [(x, y), ...].
@@ -55,27 +57,17 @@ def plot_batch(
     plt.close(fig)
 
 
-def plot_label_distribution(
-    counts: np.ndarray, names: Sequence[str], path: Path
-) -> None:
-    """Stacked bars: how many images of each class every partition holds."""
-    num_partitions = counts.shape[0]
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * num_partitions + 3), 4.0), dpi=DPI)
-    bottom = np.zeros(num_partitions)
-    colours = plt.get_cmap("tab10")
-    for label, name in enumerate(names):
-        ax.bar(
-            range(num_partitions),
-            counts[:, label],
-            bottom=bottom,
-            label=name,
-            color=colours(label % 10),
-        )
-        bottom += counts[:, label]
-    ax.set(
-        xlabel="partition (organization)", ylabel="images", title="Labels per partition"
+def plot_label_distribution(partitioner: Partitioner, label: str, path: Path) -> None:
+    """Stacked bars (Flower Datasets' plot): each partition's images per class."""
+    fig, _, _ = plot_label_distributions(
+        partitioner,
+        label_name=label,
+        legend=True,
+        legend_title="class",
+        title="Labels per partition",
+        figsize=(6.4, 4.0),
+        cmap="tab10",
     )
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
+    # The legend sits outside the axes; "tight" keeps it in the picture.
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)

@@ -1,103 +1,32 @@
-"""flower_tutorial: what a run leaves behind: history.json, models and plots."""
+"""flower_tutorial: what a run leaves behind: history.json, models, plots, progress.
+
+`RunRecorder` is called by the strategy alone (strategy.py), from the methods that
+every Flower loop calls, the legacy Server's and `DefaultWorkflow`'s alike.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import json
-import os
 import time
-from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.common import Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.logger import log
-from flwr.server import History, Server
-from flwr.server.client_proxy import ClientProxy
 
-from flower_tutorial.config import NUM_PARTITIONS, PARTITION_ID, DataSettings
+from flower_tutorial.config import DataSettings
+from flower_tutorial.data import IMAGE_KEY, LABEL_KEY, class_names, loaded_partitioner
+from flower_tutorial.outputs import save_model, write_json
 from flower_tutorial.plots import plot_batch, plot_curves, plot_label_distribution
-from flower_tutorial.task import (
-    IMAGE_KEY,
-    LABEL_KEY,
-    Net,
-    class_names,
-    label_counts,
-    load_data,
-    set_parameters,
-    set_seed,
-)
-
-
-def make_run_dir(output_dir: str, run_id: int | str) -> Path:
-    """Create this run's own output folder under `output_dir`, or explain why not."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(output_dir).expanduser().resolve() / f"{stamp}-{run_id}"
-    run_dir = base
-    try:
-        base.parent.mkdir(parents=True, exist_ok=True)
-        # Two runs may start in the same second with the same id (run_simulation).
-        for attempt in itertools.count(2):
-            try:
-                run_dir.mkdir()
-                break
-            except FileExistsError:
-                run_dir = base.with_name(f"{base.name}-{attempt}")
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # leave nothing behind
-        raise ValueError(
-            f"run config key 'output-dir' = {output_dir!r} is not allowed: "
-            f"cannot create a writable folder {str(run_dir)!r} there ({err})."
-        ) from err
-    return run_dir
-
-
-def load_checkpoint(path: str) -> Net:
-    """Return a Net holding a saved state_dict, or explain why it cannot."""
-    net = Net()
-    try:
-        state_dict = torch.load(Path(path).expanduser(), map_location="cpu")
-        net.load_state_dict(state_dict)
-    except Exception as err:  # any failure means the same to the user
-        raise ValueError(
-            f"run config key 'initial-checkpoint' = {path!r} could not be loaded as "
-            f"a state_dict of the tutorial's Net: {type(err).__name__}: {err}"
-        ) from err
-    return net
-
-
-def write_json(obj: Any, path: Path) -> None:
-    """Write JSON through a temporary file, so `path` is never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def save_model(parameters: Parameters, path: Path) -> None:
-    """Save global parameters as a Net state_dict (`torch.load` + `load_state_dict`).
-
-    Through a temporary file, like history.json: an interrupted run never leaves a
-    truncated model behind.
-    """
-    net = Net()
-    set_parameters(net, parameters_to_ndarrays(parameters))
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
+from flower_tutorial.task import Net, load_data, set_parameters, set_seed
 
 
 class RunRecorder:
     """Collects per-round metrics and times, and writes them as the run goes.
 
     history.json is rewritten atomically after every round, so an interrupted run
-    still leaves a readable record of the rounds it finished.
+    still leaves a readable record of the rounds it finished. After the last
+    round come final_model.pt and the plots.
     """
 
     def __init__(
@@ -116,6 +45,7 @@ class RunRecorder:
         self.rounds: dict[int, dict[str, Any]] = {}
         self.best: tuple[float, int] | None = None  # (accuracy, round)
         self.num_partitions: int | None = None
+        self.finished = False  # True once the last round is recorded
         self._round_started: dict[int, float] = {}
         self._run_started = time.monotonic()
 
@@ -128,8 +58,16 @@ class RunRecorder:
         """Add metrics of a round; None values are kept as JSON null."""
         self.rounds.setdefault(server_round, {"round": server_round}).update(values)
 
+    def record_federation(self, num_partitions: int | None) -> None:
+        """Note how many partitions the federation's data is split into."""
+        self.num_partitions = num_partitions
+
     def end_round(self, server_round: int, parameters: Parameters) -> None:
-        """Log the round's progress line, keep the best model, write history.json."""
+        """Log the round's progress line, keep the best model, write history.json.
+
+        `parameters` is the global model after the round; after the last round it
+        is saved as final_model.pt, and the plots are drawn.
+        """
         entry = self.rounds.setdefault(server_round, {"round": server_round})
         if server_round == 0 and len(entry) == 1:
             del self.rounds[0]  # no centralized evaluation: round 0 has nothing
@@ -144,7 +82,9 @@ class RunRecorder:
         )
         if self.save_best_model and improved:
             self.best = (accuracy, server_round)
-            save_model(parameters, self.run_dir / "best_model.pt")
+            save_model(_net(parameters), self.run_dir / "best_model.pt")
+        if server_round == self.num_rounds:
+            self._finish(parameters)
         self.write_history()
 
     def write_history(self) -> None:
@@ -158,18 +98,18 @@ class RunRecorder:
         }
         write_json(history, self.run_dir / "history.json")
 
-    def finish(self, parameters: Parameters) -> None:
+    def _finish(self, parameters: Parameters) -> None:
         """Save the final model and the plots; log where everything is."""
-        save_model(parameters, self.run_dir / "final_model.pt")
+        save_model(_net(parameters), self.run_dir / "final_model.pt")
         if self.save_best_model and self.best is None:
             log(
                 WARNING,
                 "No accuracy was measured (centralized-evaluation off and "
                 "fraction-evaluate 0): no best_model.pt, only final_model.pt.",
             )
-        self.plot_metrics()
-        self.plot_data()
-        self.write_history()
+        self._plot_metrics()
+        self._plot_data()
+        self.finished = True
         log(INFO, "Run outputs (history.json, models, plots): %s", self.run_dir)
 
     def _series(self, key: str) -> list[tuple[float, float]]:
@@ -179,7 +119,7 @@ class RunRecorder:
             if entry.get(key) is not None
         ]
 
-    def plot_metrics(self) -> None:
+    def _plot_metrics(self) -> None:
         """Accuracy and loss per round, distributed and centralized on one figure."""
         sources = {
             "federated (clients' validation data)": "distributed",
@@ -198,7 +138,7 @@ class RunRecorder:
                     self.run_dir / f"{name}.png",
                 )
 
-    def plot_data(self) -> None:
+    def _plot_data(self) -> None:
         """Plot the tutorial's batch grid of partition 0 and the labels per partition.
 
         Needs the dataset on the server and the federation size, which the
@@ -210,18 +150,27 @@ class RunRecorder:
             return
         try:
             names = class_names(self.data)
-            counts = label_counts(self.data, self.num_partitions)
+            partitioner = loaded_partitioner(self.data, self.num_partitions)
             trainloader = load_data(0, self.num_partitions, self.data)[0]
         except (OSError, ValueError) as err:
             log(WARNING, "Data plots skipped, the server cannot load the data: %s", err)
             return
-        plot_label_distribution(counts, names, self.run_dir / "label_distribution.png")
+        plot_label_distribution(
+            partitioner, LABEL_KEY, self.run_dir / "label_distribution.png"
+        )
         # The tutorial's picture: a training batch of partition 0, with classes.
         set_seed(self.data.seed)
         batch = next(iter(trainloader))
         plot_batch(
             batch[IMAGE_KEY], batch[LABEL_KEY], names, self.run_dir / "batch.png"
         )
+
+
+def _net(parameters: Parameters) -> Net:
+    """Return a Net holding the global model `parameters`."""
+    net = Net()
+    set_parameters(net, parameters_to_ndarrays(parameters))
+    return net
 
 
 def progress_line(entry: dict[str, Any], num_rounds: int) -> str:
@@ -239,58 +188,3 @@ def progress_line(entry: dict[str, Any], num_rounds: int) -> str:
             shown = f"{100 * value:.2f}%" if "acc" in label else f"{value:.4f}"
             parts.append(f"{label} {shown}")
     return " | ".join(parts)
-
-
-class RecordingServer(Server):
-    """Flower's Server, recording each round and writing the run's outputs.
-
-    It also learns which partition each SuperNode holds from the clients'
-    metrics, so that the client manager can sample reproducibly by partition.
-    """
-
-    def __init__(self, *, recorder: RunRecorder, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.recorder = recorder
-        self.history: History | None = None
-
-    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        """Run all rounds, then save the final model and the plots."""
-        self.recorder.start_round(0)
-        self.history, elapsed = super().fit(num_rounds, timeout)
-        self.recorder.finish(self.parameters)
-        return self.history, elapsed
-
-    def fit_round(self, server_round: int, timeout: float | None):  # noqa: ANN201
-        """Train one round and record what came back."""
-        if server_round == 1:
-            # Round 0 (the initial model's centralized evaluation) ends here.
-            self.recorder.end_round(0, self.parameters)
-        self.recorder.start_round(server_round)
-        res = super().fit_round(server_round, timeout)
-        if res is not None:
-            _, metrics, (results, _) = res
-            self._learn_partitions(results)
-            self.recorder.record(server_round, train_loss=metrics.get("train_loss"))
-        return res
-
-    def evaluate_round(self, server_round: int, timeout: float | None):  # noqa: ANN201
-        """Evaluate on the clients, then close the round's record."""
-        res = super().evaluate_round(server_round, timeout)
-        if res is not None:
-            loss, metrics, (results, _) = res
-            self._learn_partitions(results)
-            self.recorder.record(
-                server_round,
-                distributed_loss=loss,
-                distributed_accuracy=metrics.get("accuracy"),
-            )
-        self.recorder.end_round(server_round, self.parameters)
-        return res
-
-    def _learn_partitions(self, results: list[tuple[ClientProxy, Any]]) -> None:
-        manager = self.client_manager()
-        for proxy, res in results:
-            if PARTITION_ID in res.metrics:
-                manager.partition_ids[proxy.cid] = int(res.metrics[PARTITION_ID])
-            if NUM_PARTITIONS in res.metrics:
-                self.recorder.num_partitions = int(res.metrics[NUM_PARTITIONS])

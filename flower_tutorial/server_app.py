@@ -4,28 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.common import (
-    Context,
-    Metrics,
-    NDArrays,
-    Scalar,
-    ndarrays_to_parameters,
-)
+from flwr.common import Context, Metrics, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server.strategy import FedAvg
 
-from flower_tutorial.config import (
-    NUM_PARTITIONS,
-    PARTITION_ID,
-    DataSettings,
-    RunSettings,
-)
-from flower_tutorial.recording import (
-    RecordingServer,
-    RunRecorder,
-    load_checkpoint,
-    make_run_dir,
-)
-from flower_tutorial.strategy import BoundedClientManager, TutorialFedAvg
+from flower_tutorial.client_manager import SeededClientManager
+from flower_tutorial.config import DataSettings, RunSettings
+from flower_tutorial.outputs import load_checkpoint, make_run_dir
+from flower_tutorial.recording import RunRecorder
+from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import (
     Net,
     get_device,
@@ -35,9 +22,6 @@ from flower_tutorial.task import (
     set_seed,
     test,
 )
-
-# Who sent a result, not how well it did: never averaged.
-_IDENTITY_KEYS = {PARTITION_ID, NUM_PARTITIONS}
 
 EvaluateFn = Callable[
     [int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None
@@ -53,7 +37,7 @@ def weighted_average(metrics: list[tuple[int, Metrics]]) -> Metrics:
     total = sum(num_examples for num_examples, _ in metrics)
     if total == 0:
         return {}
-    shared_keys = set.intersection(*(set(m) for _, m in metrics)) - _IDENTITY_KEYS
+    shared_keys = set.intersection(*(set(m) for _, m in metrics))
     numeric_keys = [
         key
         for key in sorted(shared_keys)
@@ -88,7 +72,7 @@ def centralized_evaluation(data: DataSettings) -> EvaluateFn:
 
 
 def server_fn(context: Context) -> ServerAppComponents:
-    """Build FedAvg, the rounds and the run's recorder from the run config.
+    """Build FedAvg, its checks, the client manager and the rounds from the run config.
 
     Every setting is checked, the checkpoint and test data loaded, before the
     output folder is created: a bad value leaves nothing behind.
@@ -104,18 +88,7 @@ def server_fn(context: Context) -> ServerAppComponents:
     evaluate_fn = None
     if settings.centralized_evaluation:
         evaluate_fn = centralized_evaluation(settings.data)
-    recorder = RunRecorder(
-        run_dir=make_run_dir(settings.output_dir, context.run_id),
-        run_config=dict(context.run_config),
-        data=settings.data,
-        num_rounds=settings.num_server_rounds,
-        save_best_model=settings.save_best_model,
-    )
-    strategy = TutorialFedAvg(
-        recorder=recorder,
-        aggregation=settings.aggregation,
-        trim_fraction=settings.trim_fraction,
-        krum_byzantine=settings.krum_byzantine,
+    fedavg = FedAvg(
         fraction_fit=settings.fraction_fit,
         fraction_evaluate=settings.fraction_evaluate,
         min_fit_clients=settings.min_fit_clients,
@@ -127,15 +100,29 @@ def server_fn(context: Context) -> ServerAppComponents:
         fit_metrics_aggregation_fn=weighted_average,
         evaluate_metrics_aggregation_fn=weighted_average,
     )
-    # Which clients are sampled is seeded too (see BoundedClientManager).
-    client_manager = BoundedClientManager(settings.node_wait_timeout, settings.seed)
-    server = RecordingServer(
-        recorder=recorder, client_manager=client_manager, strategy=strategy
+    # Which clients are sampled is seeded too (see SeededClientManager).
+    client_manager = SeededClientManager(settings.node_wait_timeout, settings.seed)
+    recorder = RunRecorder(
+        run_dir=make_run_dir(settings.output_dir, context.run_id),
+        run_config=dict(context.run_config),
+        data=settings.data,
+        num_rounds=settings.num_server_rounds,
+        save_best_model=settings.save_best_model,
+    )
+    strategy = CheckedStrategy(
+        fedavg,
+        client_manager=client_manager,
+        recorder=recorder,
+        aggregation=settings.aggregation,
+        trim_fraction=settings.trim_fraction,
+        krum_byzantine=settings.krum_byzantine,
     )
     config = ServerConfig(
         num_rounds=settings.num_server_rounds, round_timeout=settings.round_timeout
     )
-    return ServerAppComponents(server=server, config=config)
+    return ServerAppComponents(
+        strategy=strategy, config=config, client_manager=client_manager
+    )
 
 
 app = ServerApp(server_fn=server_fn)

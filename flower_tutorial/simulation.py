@@ -2,31 +2,27 @@
 
 `flwr run .` is the way to run the app; this module keeps the tutorial's Python
 entry working: it fuses the run config of ``pyproject.toml`` with overrides (which
-`run_simulation` alone does not read) and returns Flower's History of the run
-(the run's output folder holds the same and more, see recording.py).
+`run_simulation` alone does not read), stops cleanly on Ctrl-C, and returns the
+run's output folder (history.json, models, plots: see recording.py).
 """
 
 from __future__ import annotations
 
-import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from logging import WARNING
-from types import FrameType
+from pathlib import Path
 from typing import Any
 
 from flwr.client import Client, ClientApp
 from flwr.common import Context
-from flwr.common.logger import log
-from flwr.server import History, ServerApp, ServerAppComponents
+from flwr.server import ServerApp, ServerAppComponents
 from flwr.simulation import run_simulation
 
 from flower_tutorial.client_app import client_fn
 from flower_tutorial.config import app_run_config
-from flower_tutorial.recording import RecordingServer
 from flower_tutorial.server_app import server_fn
+from flower_tutorial.stopping import stop_on_ctrl_c
 from flower_tutorial.task import get_device
 
 
@@ -41,8 +37,8 @@ def run_tutorial_simulation(
     run_config: Mapping[str, Any] | None = None,
     backend_config: Mapping[str, Any] | None = None,
     client_fn: Callable[[Context], Client] = client_fn,
-) -> History:
-    """Simulate the federation in this process and return its History.
+) -> Path:
+    """Simulate the federation in this process; return the run's output folder.
 
     `run_config` overrides keys of ``[tool.flwr.app.config]`` (an unknown key is an
     error); `backend_config` is passed to `run_simulation` (default: see
@@ -51,22 +47,22 @@ def run_tutorial_simulation(
     the app's, e.g. to try the server against misbehaving clients.
     """
     fused = app_run_config(run_config)
-    servers: list[RecordingServer] = []
+    built: list[ServerAppComponents] = []
     interrupted = threading.Event()
 
-    def stop_servers() -> None:
-        for server in servers:
-            server.client_manager().stop()
+    def stop_run() -> None:
+        for components in built:
+            components.client_manager.stop()
 
     def on_ctrl_c() -> None:
         interrupted.set()
-        stop_servers()
+        stop_run()
 
     def _server_fn(context: Context) -> ServerAppComponents:
         components = server_fn(replace(context, run_config=fused))
-        servers.append(components.server)
+        built.append(components)
         if interrupted.is_set():  # Ctrl-C came before the server existed
-            stop_servers()
+            stop_run()
         return components
 
     def _client_fn(context: Context) -> Client:
@@ -74,7 +70,7 @@ def run_tutorial_simulation(
         return client_fn(replace(context, run_config=fused))
 
     try:
-        with _stop_on_ctrl_c(on_ctrl_c):
+        with stop_on_ctrl_c(on_ctrl_c):
             run_simulation(
                 server_app=ServerApp(server_fn=_server_fn),
                 client_app=ClientApp(client_fn=_client_fn),
@@ -88,38 +84,9 @@ def run_tutorial_simulation(
     finally:
         # Also after a crash of the simulation: the ServerApp's thread must not
         # wait for replies that never come (up to round-timeout).
-        stop_servers()
-    if not servers or servers[0].history is None:
-        if interrupted.is_set():
-            raise KeyboardInterrupt("The simulation was stopped by Ctrl-C.")
+        stop_run()
+    if interrupted.is_set():
+        raise KeyboardInterrupt("The simulation was stopped by Ctrl-C.")
+    if not built or not built[0].strategy.recorder.finished:
         raise RuntimeError("The simulation ended without completing its rounds.")
-    return servers[0].history
-
-
-@contextmanager
-def _stop_on_ctrl_c(stop: Callable[[], None]) -> Iterator[None]:
-    """Make the first Ctrl-C stop the run cleanly; a second one interrupts at once.
-
-    A plain KeyboardInterrupt would leave Flower's simulation threads waiting on
-    Ray after Ray is shut down, and the process could not exit. Stopping the
-    ServerApp instead lets Flower wind the simulation down as after its last
-    round: the clients' current tasks end, Ray is shut down, nothing is left.
-    """
-    previous = signal.getsignal(signal.SIGINT)
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or previous is signal.SIG_IGN
-    ):
-        yield  # only the main thread handles signals; an ignored SIGINT stays so
-        return
-
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGINT, previous)
-        log(WARNING, "Ctrl-C: stopping the run (press Ctrl-C again to interrupt).")
-        stop()
-
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return built[0].strategy.recorder.run_dir

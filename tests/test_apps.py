@@ -12,9 +12,10 @@ from flwr.common import (
 from flwr.server.strategy import FedAvg
 
 from flower_tutorial.client_app import FlowerClient, client_fn
+from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import NodeSettings, RunSettings
 from flower_tutorial.server_app import server_fn, weighted_average
-from flower_tutorial.strategy import BoundedClientManager
+from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import Net, get_parameters, load_data, set_seed
 
 NUM_PARTITIONS = 4
@@ -55,8 +56,7 @@ def test_fit_trains_and_counts_examples_not_batches(client):
     assert [p.shape for p in params] == [p.shape for p in initial]
     assert [p.dtype for p in params] == [p.dtype for p in initial]
     assert any(not np.array_equal(a, b) for a, b in zip(params, initial, strict=True))
-    assert metrics["train_loss"] > 0
-    assert (metrics["partition-id"], metrics["num-partitions"]) == (1, NUM_PARTITIONS)
+    assert set(metrics) == {"train_loss"} and metrics["train_loss"] > 0
 
 
 def test_fit_is_reproducible_for_the_same_round(client):
@@ -72,8 +72,7 @@ def test_evaluate_returns_loss_examples_and_accuracy(client):
     loss, num_examples, metrics = client.evaluate(get_parameters(Net()), {})
     assert isinstance(loss, float) and loss > 0
     assert num_examples == NUM_TRAIN // NUM_PARTITIONS - 48
-    assert set(metrics) == {"accuracy", "partition-id", "num-partitions"}
-    assert (metrics["partition-id"], metrics["num-partitions"]) == (1, NUM_PARTITIONS)
+    assert set(metrics) == {"accuracy"}
     assert 0.0 <= metrics["accuracy"] <= 1.0
 
 
@@ -124,8 +123,8 @@ def test_client_fn_builds_a_client_on_its_own_data_folder(run_config, tmp_path):
 
 def test_weighted_average_weighs_by_examples():
     metrics = [
-        (10, {"accuracy": 0.5, "train_loss": 2.0, "note": "x", "partition-id": 0}),
-        (30, {"accuracy": 0.9, "train_loss": 1.0, "partition-id": 1}),
+        (10, {"accuracy": 0.5, "train_loss": 2.0, "note": "x"}),
+        (30, {"accuracy": 0.9, "train_loss": 1.0}),
     ]
     assert weighted_average(metrics) == pytest.approx(
         {"accuracy": 0.8, "train_loss": 1.25}
@@ -142,12 +141,14 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
         "node-wait-timeout": 7.5,
     }
     components = server_fn(_context(run_config))
-    strategy = components.server.strategy
+    assert isinstance(components.strategy, CheckedStrategy)
+    strategy = components.strategy.strategy
     assert isinstance(strategy, FedAvg)
     assert components.config.num_rounds == 3
     assert components.config.round_timeout == 30.0
-    assert isinstance(components.server.client_manager(), BoundedClientManager)
-    assert components.server.client_manager().timeout == 7.5
+    assert isinstance(components.client_manager, SeededClientManager)
+    assert components.client_manager.timeout == 7.5
+    assert components.strategy.client_manager is components.client_manager
     assert strategy.fraction_fit == 1.0
     assert strategy.fraction_evaluate == 0.25
     assert strategy.min_fit_clients == 10
@@ -160,7 +161,7 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
 
 def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
     def initial(seed: int) -> list[np.ndarray]:
-        strategy = server_fn(_context(run_config | {"seed": seed})).server.strategy
+        strategy = server_fn(_context(run_config | {"seed": seed})).strategy.strategy
         return parameters_to_ndarrays(strategy.initial_parameters)
 
     first, again, other = initial(1), initial(1), initial(2)
@@ -169,18 +170,19 @@ def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
 
 
 def test_a_round_where_every_client_failed_ends_the_run(run_config):
-    strategy = server_fn(_context(run_config)).server.strategy
+    strategy = server_fn(_context(run_config)).strategy
     failures = [ValueError("dataset folder not found"), RuntimeError("boom")]
     with pytest.raises(RuntimeError, match=r"All 2 clients failed in round 3 \(fit\)"):
         strategy.aggregate_fit(3, [], failures)
     with pytest.raises(RuntimeError, match="ValueError: dataset folder not found"):
         strategy.aggregate_evaluate(1, [], failures)
-    # Nothing to aggregate and nothing failed (e.g. no evaluation): no error.
-    assert strategy.aggregate_evaluate(1, [], []) == (None, {})
+    # Nothing to aggregate and nothing failed (every reply missing): no error.
+    strategy.recorder.start_round(2)  # as configure_fit does
+    assert strategy.aggregate_evaluate(2, [], []) == (None, {})
 
 
 def test_too_few_nodes_end_the_run_with_what_to_change():
-    manager = BoundedClientManager(timeout=0.2, seed=0)
+    manager = SeededClientManager(timeout=0.2, seed=0)
     with pytest.raises(RuntimeError) as err:
         manager.sample(num_clients=10, min_num_clients=10)
     message = str(err.value)

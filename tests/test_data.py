@@ -9,14 +9,10 @@ from conftest import NUM_TEST, NUM_TRAIN, data_settings, make_split, write_hub_l
 from datasets import Value, load_dataset
 from torchvision.transforms import Compose, Normalize, ToTensor
 
+from flower_tutorial import data as pipeline
 from flower_tutorial import task
-from flower_tutorial.task import (
-    dataset_source,
-    decode,
-    label_counts,
-    load_data,
-    load_test_data,
-)
+from flower_tutorial.data import dataset_source, decode, load_partition
+from flower_tutorial.task import load_data, load_test_data
 
 NUM_PARTITIONS = 4
 
@@ -60,8 +56,8 @@ def test_partitions_are_disjoint_and_cover_the_train_split(cifar_dir):
 def test_partitioning_is_deterministic_and_follows_the_seed(cifar_dir):
     first = _load_all(cifar_dir)
     # Rebuild from scratch.
-    task._federated_dataset.cache_clear()
-    task._decoded_partition.cache_clear()
+    pipeline._federated_dataset.cache_clear()
+    pipeline.decoded_partition.cache_clear()
     assert _load_all(cifar_dir) == first
     assert _load_all(cifar_dir, seed=7) != first
 
@@ -87,6 +83,18 @@ def test_a_folder_without_the_cifar_columns_is_refused(tmp_path):
         load_data(0, 2, data_settings(folder))
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['img'\]"):
         load_test_data(data_settings(folder))
+
+
+def label_counts(data, num_partitions: int) -> np.ndarray:
+    """Images of each class (columns) in every partition (rows)."""
+    return np.stack(
+        [
+            np.bincount(
+                load_partition(pid, num_partitions, data)["label"], minlength=10
+            )
+            for pid in range(num_partitions)
+        ]
+    )
 
 
 def _skew(counts: np.ndarray) -> float:
@@ -147,7 +155,7 @@ REFERENCE = Compose([ToTensor(), Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 def test_decoded_batches_equal_the_tutorials_transform_bit_for_bit(cifar_dir):
     data = data_settings(cifar_dir, **{"batch-size": 5})
     _, valloader = load_data(1, NUM_PARTITIONS, data)  # unshuffled: known order
-    partition = task.load_partition(1, NUM_PARTITIONS, data)
+    partition = load_partition(1, NUM_PARTITIONS, data)
     reference = partition.train_test_split(test_size=0.2, seed=data.seed)["test"]
     batch = next(iter(valloader))
     for i in range(5):
@@ -157,11 +165,11 @@ def test_decoded_batches_equal_the_tutorials_transform_bit_for_bit(cifar_dir):
 
 
 def test_a_partition_is_decoded_once_per_process_not_per_round(cifar_dir, monkeypatch):
-    task._decoded_partition.cache_clear()
+    pipeline.decoded_partition.cache_clear()
     calls = []
-    real_decode = task.decode
+    real_decode = pipeline.decode
     monkeypatch.setattr(
-        task, "decode", lambda split: calls.append(1) or real_decode(split)
+        pipeline, "decode", lambda split: calls.append(1) or real_decode(split)
     )
     data = data_settings(cifar_dir)
     for _ in range(3):  # three rounds of the same client

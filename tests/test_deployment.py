@@ -26,7 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from flower_tutorial import deployment, security
+from flower_tutorial.deployment import local as deployment
+from flower_tutorial.deployment import security
 
 FLWR = deployment._bin("flwr")
 

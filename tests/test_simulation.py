@@ -3,7 +3,7 @@
 import json
 import time
 
-RESULT_PREFIX = "HISTORY_JSON="
+RESULT_PREFIX = "RUN_DIR="
 
 
 def _simulate(
@@ -11,15 +11,10 @@ def _simulate(
 ) -> tuple[int, str]:
     run_config = run_config | {"output-dir": str(output_dir)}
     code = f"""
-import json
 from flower_tutorial.simulation import run_tutorial_simulation
-history = run_tutorial_simulation(num_supernodes={num_supernodes},
+run_dir = run_tutorial_simulation(num_supernodes={num_supernodes},
                                   run_config={run_config!r})
-print({RESULT_PREFIX!r} + json.dumps({{
-    "loss": history.losses_distributed,
-    "accuracy": history.metrics_distributed.get("accuracy"),
-    "train_loss": history.metrics_distributed_fit.get("train_loss"),
-}}))
+print({RESULT_PREFIX!r} + str(run_dir))
 """
     return run_python(code, timeout=240)
 
@@ -38,12 +33,13 @@ def test_a_small_federation_trains_and_reports_accuracy(
     code, output = _simulate(run_python, 3, run_config, tmp_path)
     assert code == 0, output[-4000:]
     line = next(x for x in output.splitlines() if x.startswith(RESULT_PREFIX))
-    history = json.loads(line[len(RESULT_PREFIX) :])
-    assert [r for r, _ in history["loss"]] == [1, 2]
-    assert all(loss > 0 for _, loss in history["loss"])
-    assert [r for r, _ in history["accuracy"]] == [1, 2]
-    assert all(0.0 <= acc <= 1.0 for _, acc in history["accuracy"])
-    assert [r for r, _ in history["train_loss"]] == [1, 2]
+    (run_dir,) = tmp_path.iterdir()
+    assert line == RESULT_PREFIX + str(run_dir)  # the folder the run wrote
+    rounds = json.loads((run_dir / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for entry in rounds[1:]:
+        assert entry["distributed_loss"] > 0 and entry["train_loss"] > 0
+        assert 0.0 <= entry["distributed_accuracy"] <= 1.0
     assert output.count("aggregate_fit: received 3 results and 0 failures") == 2
     assert output.count("aggregate_evaluate: received 2 results and 0 failures") == 2
 
@@ -61,8 +57,8 @@ def test_too_few_supernodes_end_the_run_instead_of_waiting(
 
 
 def test_a_setting_that_breaks_every_client_ends_the_run(run_python, tmp_path):
-    # Checked on the clients (the server cannot see their data): the first round
-    # fails everywhere, and the run ends with the clients' own message.
+    # Checked on the clients (the server cannot see their data): asked which
+    # partition they hold, every client fails, and the run ends with its message.
     missing = str(tmp_path / "no-such-cifar10")
     run_config = {
         "dataset": missing,
@@ -73,7 +69,7 @@ def test_a_setting_that_breaks_every_client_ends_the_run(run_python, tmp_path):
     }
     code, output = _simulate(run_python, 2, run_config, tmp_path)
     assert code != 0
-    assert "All 2 clients failed in round 1 (fit)" in output
+    assert "All 2 SuperNodes failed when asked which partition they hold" in output
     assert "no-such-cifar10" in output
 
 

@@ -1,4 +1,4 @@
-"""flower_tutorial: a local deployment to try the Deployment Engine on one machine.
+"""flower_tutorial.deployment: a SuperLink and SuperNodes on this machine, by PID.
 
 Starts one SuperLink and N SuperNodes as separate processes on loopback (Linux:
 processes are found through /proc when stopping), each
@@ -34,7 +34,7 @@ from click import ClickException
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 
-from flower_tutorial import security
+from flower_tutorial.deployment import security
 
 STATE_FILE = "deployment.json"
 LOOPBACK = "127.0.0.1"

@@ -1,6 +1,8 @@
-"""flower_tutorial: the tutorial's step 1, training on one organization's data alone.
+"""flower_tutorial: the local baseline, one organization training on its data alone.
 
-    python -m flower_tutorial.centralized --epochs 5
+The tutorial's step 1 ("Centralized Training with PyTorch")::
+
+    python -m flower_tutorial.local_baseline --epochs 5
 
 trains the tutorial's CNN (or `initial-checkpoint`) on one partition (partition 0
 of 10 by default), prints the validation loss and accuracy after each epoch and the
@@ -14,12 +16,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import torch
 from flwr.common.config import parse_config_args
 
 from flower_tutorial.config import NodeSettings, RunSettings, app_run_config
+from flower_tutorial.outputs import (
+    load_checkpoint,
+    make_run_dir,
+    save_model,
+    write_json,
+)
 from flower_tutorial.plots import plot_curves
-from flower_tutorial.recording import load_checkpoint, make_run_dir, write_json
 from flower_tutorial.task import (
     Net,
     get_device,
@@ -33,7 +39,7 @@ from flower_tutorial.task import (
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m flower_tutorial.centralized",
+        prog="python -m flower_tutorial.local_baseline",
         description="Train the tutorial's CNN on one partition, without federation.",
     )
     parser.add_argument("--partition-id", type=int, default=0)
@@ -50,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the centralized baseline; return what it wrote to history.json."""
+    """Run the local baseline; return what it wrote to history.json."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -76,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             node.partition_id, node.num_partitions, settings.data
         )
         testloader = load_test_data(settings.data)
-        run_dir = make_run_dir(settings.output_dir, "centralized")
+        run_dir = make_run_dir(settings.output_dir, "local-baseline")
     except ValueError as err:
         parser.error(str(err))
     epochs = []
@@ -108,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "test_accuracy": test_accuracy,
     }
     write_json(history, run_dir / "history.json")
-    torch.save(net.cpu().state_dict(), run_dir / "final_model.pt")
-    title = f"Centralized training on partition {node.partition_id}"
+    save_model(net.cpu(), run_dir / "final_model.pt")
+    title = f"Partition {node.partition_id} training alone"
 
     def series(key: str) -> list[tuple[float, float]]:
         return [(e["epoch"], e[key]) for e in epochs]

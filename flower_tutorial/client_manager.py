@@ -1,0 +1,167 @@
+"""flower_tutorial: which SuperNodes there are, what each holds, which are asked.
+
+The client manager alone knows which partition a SuperNode holds: it asks every
+node once (`get_properties`) before sampling. It waits, boundedly, for enough
+nodes, and samples them reproducibly. Flower's loops (the legacy Server, or
+`DefaultWorkflow`) and the strategy call it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from logging import WARNING
+
+from flwr.common import GetPropertiesIns
+from flwr.common.logger import log
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+
+from flower_tutorial.config import NUM_PARTITIONS, PARTITION_ID
+from flower_tutorial.stopping import RunStoppedError, StoppableGrid
+
+
+class SeededClientManager(SimpleClientManager):
+    """Samples SuperNodes reproducibly, after a bounded wait for enough of them.
+
+    Flower's SimpleClientManager waits up to a day for the strategy's minimum
+    number of nodes, and silently skips a round when fewer are connected than it
+    samples. Here either case ends the run with a message saying what to change.
+    Flower gives SuperNodes new random IDs every run, so sampling orders them by
+    the partition they hold before drawing with a generator seeded by the run's
+    seed. A node that cannot say which partition it holds is never sampled.
+    """
+
+    def __init__(self, timeout: float, seed: int) -> None:
+        super().__init__()
+        self.timeout = timeout
+        # cid -> (partition-id, num-partitions), as each node told when asked.
+        self._identities: dict[str, tuple[int, int]] = {}
+        # cid -> why the node could not be identified (it is never sampled).
+        self.unidentified: dict[str, str] = {}
+        self._rng = random.Random(seed)
+        self._stopped = threading.Event()
+
+    def register(self, client: ClientProxy) -> bool:
+        """Register a node, making its waits for replies end when the run stops."""
+        if hasattr(client, "grid"):  # Flower's GridClientProxy
+            client.grid = StoppableGrid(client.grid, self._stopped)
+        return super().register(client)
+
+    def stop(self) -> None:
+        """End every wait of this run: for nodes, and for their replies."""
+        self._stopped.set()
+        with self._cv:
+            self._cv.notify_all()
+
+    def partition_id(self, cid: str) -> int | None:
+        """Return the partition the node `cid` holds (None: not asked yet)."""
+        identity = self._identities.get(cid)
+        return None if identity is None else identity[0]
+
+    @property
+    def num_partitions(self) -> int | None:
+        """Return the federation's number of partitions, as the nodes report it."""
+        sizes = {size for _, size in self._identities.values()}
+        return max(sizes) if sizes else None
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        """Wait (at most `timeout` s) until `num_clients` nodes are connected."""
+        with self._cv:
+            self._cv.wait_for(
+                lambda: self._stopped.is_set() or len(self.clients) >= num_clients,
+                timeout=timeout,
+            )
+        if self._stopped.is_set():
+            raise RunStoppedError("The run was stopped while waiting for SuperNodes.")
+        return len(self.clients) >= num_clients
+
+    def sample(
+        self,
+        num_clients: int,
+        min_num_clients: int | None = None,
+        criterion: Criterion | None = None,
+    ) -> list[ClientProxy]:
+        """Sample `num_clients` nodes after waiting (bounded) for enough of them.
+
+        Nodes that could not say which partition they hold are left out; fewer
+        than `num_clients` are sampled then, as long as `min_num_clients` remain.
+        """
+        needed = max(num_clients, min_num_clients or 0)
+        if not self.wait_for(needed, timeout=self.timeout):
+            raise RuntimeError(
+                f"The strategy needs {needed} SuperNodes but only {len(self)} "
+                f"connected within node-wait-timeout = {self.timeout:g} s. In "
+                f"simulation, set the federation size, e.g. `flwr run . "
+                f'--federation-config "num-supernodes={needed}"`; in a deployment, '
+                f"start more SuperNodes; or lower min-fit-clients, "
+                f"min-evaluate-clients and min-available-clients."
+            )
+        # A snapshot: Flower's background thread may register nodes meanwhile.
+        clients = dict(self.clients)
+        if criterion is not None:
+            clients = {c: p for c, p in clients.items() if criterion.select(p)}
+        self._identify(clients)
+        usable = sorted(
+            (cid for cid in clients if cid in self._identities),
+            key=lambda cid: (self._identities[cid][0], cid),
+        )
+        if len(usable) < max(min_num_clients or 0, 1):
+            others = [self.unidentified[cid] for cid in clients if cid not in usable]
+            if not usable:
+                raise RuntimeError(
+                    f"All {len(clients)} SuperNodes failed when asked which "
+                    f"partition they hold; the first said: {others[0]}"
+                )
+            raise RuntimeError(
+                f"The strategy needs {min_num_clients} SuperNodes but only "
+                f"{len(usable)} of the {len(clients)} connected said which "
+                f"partition they hold; the first of the others said: {others[0]}"
+            )
+        count = min(num_clients, len(usable))
+        return [clients[cid] for cid in self._rng.sample(usable, count)]
+
+    def _identify(self, clients: dict[str, ClientProxy]) -> None:
+        """Ask the nodes not asked yet which partition they hold (once each)."""
+        unknown = [
+            proxy
+            for cid, proxy in clients.items()
+            if cid not in self._identities and cid not in self.unidentified
+        ]
+        if not unknown:
+            return
+        ins = GetPropertiesIns(config={})
+
+        def ask(proxy: ClientProxy) -> tuple[int, int] | str:
+            try:
+                reply = proxy.get_properties(ins, self.timeout, group_id=0)
+            except Exception as ex:  # a node's failure must not end the run
+                return f"get_properties failed: {type(ex).__name__}: {ex}"
+            return _identity(reply.properties)
+
+        with ThreadPoolExecutor() as pool:
+            answers = list(pool.map(ask, unknown))
+        for proxy, answer in zip(unknown, answers, strict=True):
+            if isinstance(answer, str):
+                reason = f"node {proxy.cid} left out: {answer}"
+                log(WARNING, "%s", reason)
+                self.unidentified[proxy.cid] = reason
+            else:
+                self._identities[proxy.cid] = answer
+
+
+def _identity(properties: dict) -> tuple[int, int] | str:
+    """Return (partition-id, num-partitions) from a node's properties, or why not."""
+    partition_id = properties.get(PARTITION_ID)
+    num_partitions = properties.get(NUM_PARTITIONS)
+    for key, value in ((PARTITION_ID, partition_id), (NUM_PARTITIONS, num_partitions)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key} = {value!r}, expected an integer"
+    if not 0 <= partition_id < num_partitions:
+        return (
+            f"{PARTITION_ID} = {partition_id} is outside [0, {NUM_PARTITIONS} = "
+            f"{num_partitions})"
+        )
+    return partition_id, num_partitions

@@ -1,0 +1,213 @@
+"""flower_tutorial: CIFAR-10 decoded: partitions, a node's own folder, the test split.
+
+`task.load_data` and its siblings hand these tensors to the tutorial's loops; this
+module finds the data (a hub id or a local folder), partitions it with Flower
+Datasets, checks its schema and decodes each split once per process.
+"""
+
+from __future__ import annotations
+
+from functools import cache, lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, load_dataset
+from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    ShardPartitioner,
+)
+
+from flower_tutorial.config import DATA_PATH, DataSettings
+
+# Columns of `uoft-cs/cifar10`; a local folder must use the same schema.
+IMAGE_KEY = "img"
+LABEL_KEY = "label"
+# What `Net` takes: (channels, height, width) and the number of classes.
+IMAGE_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+
+# One split as decoded tensors: uint8 images (N, 3, H, W) and int64 labels (N,).
+Tensors = tuple[torch.Tensor, torch.Tensor]
+
+
+def dataset_source(dataset: str) -> str:
+    """Return what `load_dataset` should open: a local folder or a hub id.
+
+    A value that names an existing folder is used as a local copy in the hub layout
+    (e.g. ``plain_text/train-*.parquet``), so the app runs offline; anything else is
+    taken as a dataset id on the Hugging Face hub (``uoft-cs/cifar10``).
+    """
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if dataset.startswith((".", "/", "~")):
+        raise ValueError(
+            f"run config key 'dataset' = {dataset!r} is not allowed: no such folder. "
+            "Expected a hub dataset id (e.g. 'uoft-cs/cifar10') or the path of an "
+            "existing folder holding the dataset in the hub's layout."
+        )
+    return dataset
+
+
+def check_schema(split: Dataset, dataset: str, key: str = "dataset") -> None:
+    """Refuse a split without the CIFAR-10 columns, naming what it has instead."""
+    missing = {IMAGE_KEY, LABEL_KEY} - set(split.column_names)
+    if missing:
+        raise ValueError(
+            f"{key} {dataset!r} lacks the column(s) {sorted(missing)}: expected "
+            f"the CIFAR-10 schema ('{IMAGE_KEY}': image, '{LABEL_KEY}': class label), "
+            f"found {split.column_names}."
+        )
+
+
+def make_partitioner(data: DataSettings, num_partitions: int) -> Partitioner:
+    """Return the flwr-datasets partitioner that `data.partitioner` names.
+
+    "iid": equal random shares (the tutorial); "dirichlet": label proportions per
+    organization drawn from Dir(alpha), smaller alpha = more skew; "shards": the
+    train split sorted by label and dealt out in `shards-per-partition` shards.
+    """
+    if data.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL_KEY,
+            alpha=data.dirichlet_alpha,
+            seed=data.seed,
+        )
+    if data.partitioner == "shards":
+        return ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL_KEY,
+            num_shards_per_partition=data.shards_per_partition,
+            seed=data.seed,
+        )
+    return IidPartitioner(num_partitions=num_partitions)
+
+
+@lru_cache(maxsize=4)
+def _federated_dataset(data: DataSettings, num_partitions: int) -> FederatedDataset:
+    """Build the FederatedDataset once per process and reuse it across rounds."""
+    return FederatedDataset(
+        dataset=dataset_source(data.dataset),
+        partitioners={"train": make_partitioner(data, num_partitions)},
+        seed=data.seed,
+    )
+
+
+def load_partition(
+    partition_id: int, num_partitions: int, data: DataSettings
+) -> Dataset:
+    """Return one organization's raw partition (PIL images, integer labels)."""
+    partition = _federated_dataset(data, num_partitions).load_partition(partition_id)
+    check_schema(partition, data.dataset)
+    if len(partition) < 2:
+        raise ValueError(
+            f"partition {partition_id} of {num_partitions} holds {len(partition)} "
+            f"image(s) with partitioner {data.partitioner!r}: too few to split into "
+            "training and validation data. Use fewer partitions or less skew."
+        )
+    return partition
+
+
+def decode(split: Dataset) -> Tensors:
+    """Decode a split's images once into uint8 (N, 3, H, W) and labels into int64."""
+    pixels = np.stack([np.asarray(img.convert("RGB")) for img in split[IMAGE_KEY]])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(split[LABEL_KEY], dtype=torch.int64)
+
+
+@cache
+def decoded_partition(
+    partition_id: int, num_partitions: int, data: DataSettings, device: str
+) -> dict[str, Tensors]:
+    """Decode one partition's 80/20 splits ("train", "test") once per process.
+
+    Ray reuses a worker for many clients and rounds: each partition it serves is
+    decoded the first time only. All partitions together are the train split once
+    (150 MB of uint8 for CIFAR-10), however many clients share it.
+    """
+    partition = load_partition(partition_id, num_partitions, data)
+    splits = partition.train_test_split(test_size=0.2, seed=data.seed)
+    return {
+        name: tuple(t.to(device) for t in decode(split))
+        for name, split in splits.items()
+    }
+
+
+@cache
+def decoded_folder(data_path: str, seed: int, device: str) -> dict[str, Tensors]:
+    """Decode a node's own folder once per process: its train and validation data."""
+    key = f"node config key '{DATA_PATH}' = {data_path!r}"
+    try:
+        splits = load_dataset(str(Path(data_path).expanduser().resolve()))
+    except Exception as ex:  # datasets raises many kinds for an unusable folder
+        raise ValueError(
+            f"{key} is not allowed: no dataset could be loaded from it ({ex}). "
+            "Expected a folder holding a train split in the CIFAR-10 schema, e.g. "
+            "train-00000-of-00001.parquet with the columns 'img' and 'label'."
+        ) from ex
+    if "train" not in splits:
+        raise ValueError(
+            f"{key} is not allowed: it holds the split(s) {sorted(splits)} but no "
+            "'train' split (files named train-*.parquet, or a train/ folder)."
+        )
+    for split in splits.values():
+        check_schema(split, data_path, key=f"node config key '{DATA_PATH}' =")
+    if "validation" in splits:
+        parts = {"train": splits["train"], "test": splits["validation"]}
+    elif len(splits["train"]) >= 2:
+        parts = splits["train"].train_test_split(test_size=0.2, seed=seed)
+    else:
+        raise ValueError(
+            f"{key} is not allowed: its train split holds {len(splits['train'])} "
+            "image(s), too few to split into training and validation data."
+        )
+    decoded = {}
+    for name, split in parts.items():
+        try:
+            images, labels = decode(split)
+        except ValueError as ex:  # np.stack: images of different sizes
+            raise ValueError(f"{key}: its images differ in size ({ex}).") from ex
+        _check_images(images, labels, key)
+        decoded[name] = (images.to(device), labels.to(device))
+    return decoded
+
+
+def _check_images(images: torch.Tensor, labels: torch.Tensor, key: str) -> None:
+    """Check decoded data against what `Net` takes: 32x32 RGB, labels 0-9."""
+    if tuple(images.shape[1:]) != IMAGE_SHAPE:
+        raise ValueError(
+            f"{key} is not allowed: its images are {tuple(images.shape[1:])} "
+            f"(channels, height, width), the CNN takes {IMAGE_SHAPE}."
+        )
+    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if len(bad):
+        raise ValueError(
+            f"{key} is not allowed: label {int(bad[0])} is outside "
+            f"[0, {NUM_CLASSES}), CIFAR-10's classes."
+        )
+
+
+@lru_cache(maxsize=2)
+def decoded_test_split(data: DataSettings, device: str) -> Tensors:
+    """Decode the whole test split once per process (the server's evaluation)."""
+    split = load_dataset(dataset_source(data.dataset), split="test")
+    check_schema(split, data.dataset)
+    return tuple(t.to(device) for t in decode(split))
+
+
+def class_names(data: DataSettings) -> list[str]:
+    """Return the names of the label classes, in label order."""
+    split = load_dataset(dataset_source(data.dataset), split="test")
+    return list(split.features[LABEL_KEY].names)
+
+
+def loaded_partitioner(data: DataSettings, num_partitions: int) -> Partitioner:
+    """Return the train split's partitioner, with the dataset it partitions."""
+    fds = _federated_dataset(data, num_partitions)
+    fds.load_partition(0)  # gives the partitioner the split it partitions
+    return fds.partitioners["train"]

@@ -1,0 +1,194 @@
+"""CheckedStrategy on its own: checks, partition order, robust rules, composition."""
+
+import random
+
+import numpy as np
+import pytest
+from conftest import default_run_config
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    GetPropertiesRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from flower_tutorial.client_manager import SeededClientManager
+from flower_tutorial.config import RunSettings
+from flower_tutorial.recording import RunRecorder
+from flower_tutorial.strategy import CheckedStrategy
+
+SIZE = 50  # one array of 50 floats: the model of these tests
+OK = Status(code=Code.OK, message="")
+
+
+class _Proxy:
+    """A node of the federation that holds partition `pid` and says so."""
+
+    def __init__(self, pid: int) -> None:
+        self.cid = f"node-{pid}"
+        self.pid = pid
+
+    def get_properties(self, ins, timeout, group_id) -> GetPropertiesRes:
+        properties = {"partition-id": self.pid, "num-partitions": 10}
+        return GetPropertiesRes(OK, properties)
+
+
+def _sent() -> Parameters:
+    return ndarrays_to_parameters([np.zeros(SIZE, dtype=np.float32)])
+
+
+def _strategy(
+    tmp_path,
+    num_nodes: int,
+    inner: Strategy | None = None,
+    aggregation: str = "fedavg",
+) -> CheckedStrategy:
+    """The app's checks around `inner` (FedAvg), after a fit round was configured."""
+    settings = RunSettings.from_run_config(default_run_config())
+    manager = SeededClientManager(timeout=5.0, seed=0)
+    for pid in range(num_nodes):
+        manager.register(_Proxy(pid))
+    recorder = RunRecorder(tmp_path, {}, settings.data, 1, False)
+    strategy = CheckedStrategy(
+        inner or FedAvg(),
+        client_manager=manager,
+        recorder=recorder,
+        aggregation=aggregation,
+    )
+    strategy.configure_fit(1, _sent(), manager)
+    return strategy
+
+
+def _fit_res(array: np.ndarray, num_examples: int = 100, **metrics) -> FitRes:
+    return FitRes(OK, ndarrays_to_parameters([array]), num_examples, metrics)
+
+
+def _results(strategy: CheckedStrategy, arrays: list, **kwargs) -> list[tuple]:
+    """(proxy, FitRes) of node i for arrays[i]."""
+    proxies = strategy.client_manager.all()
+    return [(proxies[f"node-{i}"], _fit_res(a, **kwargs)) for i, a in enumerate(arrays)]
+
+
+def _array(res: tuple[Parameters | None, dict]) -> np.ndarray:
+    (array,) = parameters_to_ndarrays(res[0])
+    return array
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "resists"),
+    [("fedavg", False), ("median", True), ("trimmed-mean", True), ("krum", True)],
+)
+def test_robust_rules_resist_one_poisoned_update_of_five(
+    tmp_path, aggregation, resists
+):
+    rng = np.random.default_rng(0)
+    clean = [rng.normal(1.0, 0.1, SIZE).astype(np.float32) for _ in range(4)]
+    poisoned = np.full(SIZE, 1e4, dtype=np.float32)
+    strategy = _strategy(tmp_path, 5, aggregation=aggregation)
+    combined = _array(
+        strategy.aggregate_fit(1, _results(strategy, [*clean, poisoned]), [])
+    )
+    distance = np.abs(combined - np.mean(clean, axis=0)).max()
+    assert bool(distance < 0.5) is resists
+
+
+def test_shuffled_results_give_the_same_bytes(tmp_path):
+    # Completion order varies between runs; the sum must not.
+    rng = np.random.default_rng(1)
+    arrays = [rng.normal(0, 1, SIZE).astype(np.float32) for _ in range(6)]
+    strategy = _strategy(tmp_path, 6)
+    proxies = strategy.client_manager.all()
+    # Of different sizes, so that the order of a weighted sum could show.
+    results = [
+        (proxies[f"node-{i}"], _fit_res(a, num_examples=10 + i))
+        for i, a in enumerate(arrays)
+    ]
+    first = _array(strategy.aggregate_fit(1, list(results), [])).tobytes()
+    for seed in range(5):
+        random.Random(seed).shuffle(results)
+        assert _array(strategy.aggregate_fit(1, list(results), [])).tobytes() == first
+
+
+def test_checks_compose_with_a_server_side_optimizer(tmp_path):
+    # FedAdam inside the checks gets only the sound updates: the same model as a
+    # FedAdam that never saw the unsound one.
+    good = [np.full(SIZE, v, dtype=np.float32) for v in (1.0, 2.0)]
+    nan = np.full(SIZE, np.nan, dtype=np.float32)
+    strategy = _strategy(tmp_path, 3, inner=FedAdam(initial_parameters=_sent()))
+    checked = strategy.aggregate_fit(1, _results(strategy, [*good, nan]), [])
+    alone = FedAdam(initial_parameters=_sent()).aggregate_fit(
+        1, _results(strategy, good), []
+    )
+    np.testing.assert_array_equal(_array(checked), _array(alone))
+    assert strategy.recorder.rounds[1]["fit_failures"] == [
+        "partition 2: array 0 holds NaN or infinite values"
+    ]
+
+
+def test_a_robust_rule_composes_with_fedprox(tmp_path):
+    arrays = [np.full(SIZE, v, dtype=np.float32) for v in (1.0, 2.0, 9.0)]
+    strategy = _strategy(
+        tmp_path, 3, inner=FedProx(proximal_mu=0.1), aggregation="median"
+    )
+    combined = _array(strategy.aggregate_fit(1, _results(strategy, arrays), []))
+    np.testing.assert_allclose(combined, np.median(arrays, axis=0), rtol=1e-6)
+
+
+def test_checks_work_inside_flowers_dp_wrapper(tmp_path):
+    # Central DP (client-side clipping) wraps the checks; with no noise the model
+    # is the average of the sound updates, and the unsound one is recorded.
+    strategy = _strategy(tmp_path, 3)
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        strategy, noise_multiplier=0.0, clipping_norm=10.0, num_sampled_clients=3
+    )
+    good = [np.full(SIZE, v, dtype=np.float32) for v in (1.0, 3.0)]
+    wrong = np.zeros(SIZE + 1, dtype=np.float32)
+    combined = _array(dp.aggregate_fit(1, _results(strategy, [*good, wrong]), []))
+    np.testing.assert_array_equal(combined, np.full(SIZE, 2.0, dtype=np.float32))
+    (reason,) = strategy.recorder.rounds[1]["fit_failures"]
+    assert reason == "partition 2: array 0 has shape (51,), expected (50,)"
+
+
+def test_unsound_evaluations_are_left_out(tmp_path):
+    strategy = _strategy(tmp_path, 3)
+    proxies = strategy.client_manager.all()
+
+    def res(loss: float, n: int, pid: int) -> tuple:
+        return proxies[f"node-{pid}"], EvaluateRes(OK, loss, n, {"accuracy": 0.5})
+
+    strategy.recorder.start_round(2)  # as configure_fit does
+    loss, _ = strategy.aggregate_evaluate(
+        2, [res(1.0, 10, 0), res(float("nan"), 10, 1), res(3.0, 0, 2)], []
+    )
+    assert loss == 1.0
+    failures = strategy.recorder.rounds[2]["evaluate_failures"]
+    assert failures == [
+        "partition 1: loss = nan, expected a finite number",
+        "partition 2: num_examples = 0, expected > 0",
+    ]
+
+
+def test_a_round_in_which_no_result_came_in_time_ends_the_run(tmp_path):
+    strategy = _strategy(tmp_path, 2)
+    expired = ValueError(
+        "Message contains an Error (reason: Error: Message Unavailable - The "
+        "requested message could not be found in the database. It may have "
+        "expired due to its TTL, been deleted ...)"
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=r"All 2 clients failed in round 3 \(fit\); the first said: "
+        r"no reply within round-timeout",
+    ):
+        strategy.aggregate_fit(3, [], [expired, expired])
