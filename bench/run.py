@@ -8,7 +8,8 @@ federations of the same size, and (c) the bare-PyTorch floor: the same model,
 optimizer, batch size and number of training samples on pre-made tensors, one
 single-threaded process per core. Then (b) again with many clients. Each runs in a
 fresh process whose whole tree (Ray included) is measured and then stopped.
-Writes bench/results.json, BENCHMARKS.md and bench/benchmark.png.
+Writes bench/results.json, and the report into docs/performance.md (with
+docs/benchmark.png).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""flower_tutorial.deployment: a SuperLink and SuperNodes on this machine, by PID.
+"""Start and stop a local deployment: a SuperLink and SuperNodes on this machine.
 
 Starts one SuperLink and N SuperNodes as separate processes on loopback (Linux:
 processes are found through /proc when stopping), each

@@ -1,4 +1,4 @@
-"""flower_tutorial.deployment: TLS certificates and SuperNode keys.
+"""Make TLS certificates and SuperNode keys for a secured deployment.
 
 Flower 1.42 secures a deployment in two layers:
 
@@ -14,7 +14,8 @@ Flower 1.42 secures a deployment in two layers:
 
 Command line, for a real server (certificates) and each organization (keys)::
 
-    python -m flower_tutorial.deployment.security tls --dir certs --host superlink.example.org
+    python -m flower_tutorial.deployment.security tls --dir certs \
+        --host superlink.example.org
     python -m flower_tutorial.deployment.security supernode-key --dir keys --name org-3
 """
 
@@ -182,7 +183,8 @@ def make_supernode_key(keys: Path, name: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: make TLS files or a SuperNode key pair."""
     parser = argparse.ArgumentParser(
-        prog="python -m flower_tutorial.deployment.security", description=__doc__.split("\n")[0]
+        prog="python -m flower_tutorial.deployment.security",
+        description=__doc__.split("\n")[0],
     )
     commands = parser.add_subparsers(dest="command", required=True)
     tls = commands.add_parser("tls", help="a CA, and a SuperLink certificate and key")
