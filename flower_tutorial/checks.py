@@ -1,22 +1,34 @@
 """flower_tutorial: whether a client's result is sound enough to be combined.
 
-Each check returns None for a sound result, else the reason it is left out; the
-reason is logged and kept in history.json.
+Every value a client sends is checked here, where it enters the server: its
+weights, its counts and its metrics. Each check returns None for a sound result,
+else the reason it is left out; the reason is logged and kept in history.json.
+A client may send anything, so no check assumes a type before testing it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
-from flwr.common import EvaluateRes, FitRes, NDArrays, parameters_to_ndarrays
+from flwr.common import EvaluateRes, FitRes, NDArrays, Scalar, parameters_to_ndarrays
+
+# The metrics the app's clients report: (lowest, highest allowed, in words).
+Ranges = Mapping[str, tuple[float, float, str]]
+FIT_METRICS: Ranges = {"train_loss": (0.0, math.inf, "a finite number >= 0")}
+EVALUATE_METRICS: Ranges = {"accuracy": (0.0, 1.0, "a number in [0, 1]")}
 
 
 def check_update(res: FitRes, reference: NDArrays) -> str | None:
     """Return why an update cannot be averaged into `reference`'s model, or None."""
-    if res.num_examples <= 0:
-        return f"num_examples = {res.num_examples}, expected > 0"
-    arrays = parameters_to_ndarrays(res.parameters)
+    reason = _check_count(res.num_examples) or _check_metrics(res.metrics, FIT_METRICS)
+    if reason:
+        return reason
+    try:
+        arrays = parameters_to_ndarrays(res.parameters)
+    except Exception as ex:  # whatever bytes came, reading them must not end the run
+        return f"its arrays cannot be read ({type(ex).__name__}: {ex})"
     if len(arrays) != len(reference):
         return f"{len(arrays)} arrays, expected {len(reference)}"
     for i, (array, expected) in enumerate(zip(arrays, reference, strict=True)):
@@ -31,8 +43,34 @@ def check_update(res: FitRes, reference: NDArrays) -> str | None:
 
 def check_evaluation(res: EvaluateRes) -> str | None:
     """Return why an evaluation result cannot be averaged, or None."""
-    if res.num_examples <= 0:
-        return f"num_examples = {res.num_examples}, expected > 0"
-    if not math.isfinite(res.loss):
-        return f"loss = {res.loss}, expected a finite number"
+    if not _is_number(res.loss) or not 0 <= res.loss < math.inf:
+        return f"loss = {res.loss!r}, expected a finite number >= 0"
+    return _check_count(res.num_examples) or _check_metrics(
+        res.metrics, EVALUATE_METRICS
+    )
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int to Python, but never a sensible count or metric.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_count(num_examples: object) -> str | None:
+    """Check a count of examples, which weighs a client: an integer > 0."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+        return f"num_examples = {num_examples!r}, expected an integer > 0"
+    if num_examples <= 0:
+        return f"num_examples = {num_examples}, expected > 0"
+    return None
+
+
+def _check_metrics(metrics: Mapping[str, Scalar], expected: Ranges) -> str | None:
+    """Check the app's metrics are there and in range, and any other is finite."""
+    for key, (low, high, allowed) in expected.items():
+        value = metrics.get(key)
+        if not _is_number(value) or not low <= value <= high or math.isinf(value):
+            return f"metric {key!r} = {value!r}, expected {allowed}"
+    for key, value in metrics.items():
+        if _is_number(value) and not math.isfinite(value):
+            return f"metric {key!r} = {value!r}, expected a finite number"
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from logging import WARNING
 
@@ -63,9 +64,10 @@ class SeededClientManager(SimpleClientManager):
 
     @property
     def num_partitions(self) -> int | None:
-        """Return the federation's number of partitions, as the nodes report it."""
-        sizes = {size for _, size in self._identities.values()}
-        return max(sizes) if sizes else None
+        """Return the federation's number of partitions, as most nodes report it."""
+        sizes = Counter(size for _, size in self._identities.values())
+        # Most nodes win; of equally many, the smaller count: a liar cannot inflate it.
+        return min(sizes, key=lambda size: (-sizes[size], size)) if sizes else None
 
     def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
         """Wait (at most `timeout` s) until `num_clients` nodes are connected."""
@@ -145,11 +147,24 @@ class SeededClientManager(SimpleClientManager):
             answers = list(pool.map(ask, unknown))
         for proxy, answer in zip(unknown, answers, strict=True):
             if isinstance(answer, str):
-                reason = f"node {proxy.cid} left out: {answer}"
-                log(WARNING, "%s", reason)
-                self.unidentified[proxy.cid] = reason
+                self._leave_out(proxy.cid, answer)
             else:
                 self._identities[proxy.cid] = answer
+        # A node that splits the data otherwise than most would train on the
+        # wrong share of it.
+        agreed = self.num_partitions
+        for cid, (_, size) in list(self._identities.items()):
+            if size != agreed:
+                del self._identities[cid]
+                self._leave_out(
+                    cid,
+                    f"{NUM_PARTITIONS} = {size}, but the other SuperNodes say {agreed}",
+                )
+
+    def _leave_out(self, cid: str, reason: str) -> None:
+        """Never sample node `cid`, and say why."""
+        self.unidentified[cid] = f"node {cid} left out: {reason}"
+        log(WARNING, "%s", self.unidentified[cid])
 
 
 def _identity(properties: dict) -> tuple[int, int] | str:

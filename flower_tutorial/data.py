@@ -8,11 +8,12 @@ Datasets, checks its schema and decodes each split once per process.
 from __future__ import annotations
 
 from functools import cache, lru_cache
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Image, load_dataset
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -20,6 +21,7 @@ from flwr_datasets.partitioner import (
     Partitioner,
     ShardPartitioner,
 )
+from PIL import Image as PILImage
 
 from flower_tutorial.config import DATA_PATH, DataSettings
 
@@ -168,22 +170,37 @@ def decoded_folder(data_path: str, seed: int, device: str) -> dict[str, Tensors]
         )
     decoded = {}
     for name, split in parts.items():
-        try:
-            images, labels = decode(split)
-        except ValueError as ex:  # np.stack: images of different sizes
-            raise ValueError(f"{key}: its images differ in size ({ex}).") from ex
-        _check_images(images, labels, key)
+        _check_image_sizes(split, key)
+        images, labels = decode(split)
+        _check_labels(labels, key)
         decoded[name] = (images.to(device), labels.to(device))
     return decoded
 
 
-def _check_images(images: torch.Tensor, labels: torch.Tensor, key: str) -> None:
-    """Check decoded data against what `Net` takes: 32x32 RGB, labels 0-9."""
-    if tuple(images.shape[1:]) != IMAGE_SHAPE:
-        raise ValueError(
-            f"{key} is not allowed: its images are {tuple(images.shape[1:])} "
-            f"(channels, height, width), the CNN takes {IMAGE_SHAPE}."
-        )
+def _check_image_sizes(split: Dataset, key: str) -> None:
+    """Refuse images other than 32x32 by their headers, before decoding any.
+
+    A folder of large images would otherwise be decoded whole, and could fill
+    the memory, before its size was seen.
+    """
+    expected = (IMAGE_SHAPE[2], IMAGE_SHAPE[1])  # PIL's (width, height)
+    encoded = split.cast_column(IMAGE_KEY, Image(decode=False))[IMAGE_KEY]
+    for i, image in enumerate(encoded):
+        source = BytesIO(image["bytes"]) if image["bytes"] else image["path"]
+        try:
+            with PILImage.open(source) as opened:  # reads the header only
+                size = opened.size
+        except Exception as ex:  # PIL raises many kinds for a broken file
+            raise ValueError(f"{key}: image {i} cannot be read ({ex}).") from ex
+        if size != expected:
+            raise ValueError(
+                f"{key} is not allowed: image {i} is {size[0]}x{size[1]} pixels, "
+                f"the CNN takes {expected[0]}x{expected[1]}."
+            )
+
+
+def _check_labels(labels: torch.Tensor, key: str) -> None:
+    """Refuse labels outside CIFAR-10's classes, which `Net` could not predict."""
     bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
     if len(bad):
         raise ValueError(

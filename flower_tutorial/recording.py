@@ -20,6 +20,9 @@ from flower_tutorial.outputs import save_model, write_json
 from flower_tutorial.plots import plot_batch, plot_curves, plot_label_distribution
 from flower_tutorial.task import Net, load_data, set_parameters, set_seed
 
+# More partitions than this make the label plot unreadable, and slow to draw.
+MAX_PLOTTED_PARTITIONS = 1000
+
 
 class RunRecorder:
     """Collects per-round metrics and times, and writes them as the run goes.
@@ -45,6 +48,7 @@ class RunRecorder:
         self.rounds: dict[int, dict[str, Any]] = {}
         self.best: tuple[float, int] | None = None  # (accuracy, round)
         self.num_partitions: int | None = None
+        self.nodes_left_out: list[str] = []
         self.finished = False  # True once the last round is recorded
         self._round_started: dict[int, float] = {}
         self._run_started = time.monotonic()
@@ -58,9 +62,12 @@ class RunRecorder:
         """Add metrics of a round; None values are kept as JSON null."""
         self.rounds.setdefault(server_round, {"round": server_round}).update(values)
 
-    def record_federation(self, num_partitions: int | None) -> None:
-        """Note how many partitions the federation's data is split into."""
+    def record_federation(
+        self, num_partitions: int | None, nodes_left_out: list[str]
+    ) -> None:
+        """Note the federation's number of partitions, and the nodes left out."""
         self.num_partitions = num_partitions
+        self.nodes_left_out = nodes_left_out
 
     def end_round(self, server_round: int, parameters: Parameters) -> None:
         """Log the round's progress line, keep the best model, write history.json.
@@ -92,6 +99,7 @@ class RunRecorder:
         history = {
             "run_config": self.run_config,
             "num_partitions": self.num_partitions,
+            "nodes_left_out": self.nodes_left_out,
             "best_round": self.best[1] if self.best else None,
             "seconds": round(time.monotonic() - self._run_started, 3),
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
@@ -147,6 +155,14 @@ class RunRecorder:
         """
         if self.num_partitions is None:
             log(WARNING, "No client reported num-partitions: data plots skipped.")
+            return
+        if self.num_partitions > MAX_PLOTTED_PARTITIONS:
+            log(
+                WARNING,
+                "Data plots skipped: %s partitions, more than the %s they can show.",
+                self.num_partitions,
+                MAX_PLOTTED_PARTITIONS,
+            )
             return
         try:
             names = class_names(self.data)

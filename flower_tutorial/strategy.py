@@ -93,7 +93,10 @@ class CheckedStrategy(Strategy):
         instructions = self.strategy.configure_fit(
             server_round, parameters, client_manager
         )
-        self.recorder.record_federation(self.client_manager.num_partitions)
+        self.recorder.record_federation(
+            self.client_manager.num_partitions,
+            list(self.client_manager.unidentified.values()),
+        )
         return instructions
 
     def aggregate_fit(

@@ -260,7 +260,7 @@ def test_a_local_validation_split_is_used_as_is(tmp_path, cifar_dir):
         ({"train": make_split(1, 1)}, r"'data-path' = .* holds 1 image\(s\)"),
         (
             {"train": _resized(make_split(10, 1), 16)},
-            r"images are \(3, 16, 16\) .* takes \(3, 32, 32\)",
+            r"image 0 is 16x16 pixels, the CNN takes 32x32",
         ),
         (
             {
@@ -278,4 +278,15 @@ def test_an_unusable_local_folder_is_a_clear_error(
 ):
     folder = _local_folder(tmp_path / "site", contents)
     with pytest.raises(ValueError, match=message):
+        task.load_local_data(folder, data_settings(cifar_dir))
+
+
+def test_large_images_are_refused_before_any_is_decoded(
+    tmp_path, cifar_dir, monkeypatch
+):
+    folder = _local_folder(
+        tmp_path / "site", {"train": _resized(make_split(4, 1), 512)}
+    )
+    monkeypatch.setattr(pipeline, "decode", lambda split: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match=r"image 0 is 512x512 pixels, the CNN takes"):
         task.load_local_data(folder, data_settings(cifar_dir))

@@ -1,4 +1,4 @@
-"""Faulty clients are left out; robust aggregation resists poisoned updates."""
+"""Faulty, lying and late clients are left out, and the run goes on."""
 
 import json
 from pathlib import Path
@@ -11,9 +11,22 @@ from flower_tutorial.client_app import FlowerClient
 from flower_tutorial.config import NodeSettings, RunSettings
 from flower_tutorial.task import Net, get_parameters, load_data, set_seed
 
-# Partition -> how its client misbehaves in `fit`; partitions 5 and 6 are sound.
-FAULTS = {0: "raises", 1: "nan", 2: "shape", 3: "count", 4: "zero"}
-NODES = 7
+# Partition -> how its client misbehaves: in `fit` (0-4), or in what it says
+# about itself (5-8, trained honestly); partitions 9 and 10 are sound.
+FAULTS = {
+    0: "raises",
+    1: "nan",
+    2: "shape",
+    3: "count",
+    4: "zero",
+    5: "partition-id as a string",
+    6: "huge num-partitions",
+    7: "nan accuracy",
+    8: "get_properties raises",
+}
+NODES = 11
+NOT_SAMPLED = [5, 6, 8]  # they never said which partition they hold
+SOUND_UPDATES = [7, 9, 10]  # 7 lies only when it evaluates
 
 FAULTY_CLIENT_FN = f"""
 import numpy as np
@@ -25,6 +38,8 @@ def faulty_client_fn(context):
     numpy_client = app_client_fn(context).numpy_client
     fault = FAULTS.get(int(context.node_config["partition-id"]))
     sound_fit = numpy_client.fit
+    sound_evaluate = numpy_client.evaluate
+    sound_properties = numpy_client.get_properties
 
     def fit(parameters, config):
         arrays, num_examples, metrics = sound_fit(parameters, config)
@@ -40,8 +55,23 @@ def faulty_client_fn(context):
             num_examples = 0
         return arrays, num_examples, metrics
 
-    if fault:
-        numpy_client.fit = fit
+    def evaluate(parameters, config):
+        loss, num_examples, metrics = sound_evaluate(parameters, config)
+        return loss, num_examples, {{**metrics, "accuracy": float("nan")}}
+
+    def get_properties(config):
+        properties = sound_properties(config)
+        if fault == "partition-id as a string":
+            properties["partition-id"] = "5"
+        if fault == "huge num-partitions":
+            properties["num-partitions"] = 10**9
+        if fault == "get_properties raises":
+            raise RuntimeError("no identity today")
+        return properties
+
+    numpy_client.fit = fit
+    numpy_client.evaluate = evaluate if fault == "nan accuracy" else sound_evaluate
+    numpy_client.get_properties = get_properties
     return numpy_client.to_client()
 """
 
@@ -50,16 +80,18 @@ def _run_config(cifar_dir: Path, out: Path) -> dict:
     return {
         "dataset": str(cifar_dir),
         "num-server-rounds": 1,
-        "min-fit-clients": NODES,
+        "min-fit-clients": NODES - len(NOT_SAMPLED),
+        "fraction-evaluate": 1.0,
         "min-evaluate-clients": 2,
-        "min-available-clients": NODES,
+        # Nodes that cannot say which partition they hold are not available.
+        "min-available-clients": NODES - len(NOT_SAMPLED),
         "batch-size": 16,
         "output-dir": str(out),
     }
 
 
-def _sound_average(run_config: dict) -> list[np.ndarray]:
-    """FedAvg of the sound clients' round-1 updates, computed here."""
+def _sound_updates(run_config: dict) -> list[tuple[list[np.ndarray], int]]:
+    """The round-1 updates of the clients with sound updates, computed here."""
     settings = RunSettings.from_run_config(default_run_config() | run_config)
     set_seed(settings.seed)
     initial = get_parameters(Net())  # the server's initial model
@@ -67,7 +99,7 @@ def _sound_average(run_config: dict) -> list[np.ndarray]:
     torch.set_num_threads(1)  # as in a Ray worker with one CPU
     try:
         updates = []
-        for pid in range(len(FAULTS), NODES):
+        for pid in SOUND_UPDATES:
             node = NodeSettings(partition_id=pid, num_partitions=NODES)
             train, val = load_data(pid, NODES, settings.data)
             client = FlowerClient(Net(), train, val, settings, node)
@@ -75,11 +107,18 @@ def _sound_average(run_config: dict) -> list[np.ndarray]:
             updates.append((arrays, n))
     finally:
         torch.set_num_threads(threads)
-    total = sum(n for _, n in updates)
-    return [sum(a[i] * n for a, n in updates) / total for i in range(len(initial))]
+    return updates
 
 
-def test_faulty_clients_are_left_out_and_the_round_goes_on(
+def _mean(updates: list[tuple[list[np.ndarray], int]], weighted: bool) -> list:
+    weights = [n if weighted else 1 for _, n in updates]
+    return [
+        sum(a[i] * w for (a, _), w in zip(updates, weights, strict=True)) / sum(weights)
+        for i in range(len(updates[0][0]))
+    ]
+
+
+def test_faulty_and_lying_clients_are_left_out_and_the_run_goes_on(
     run_python, cifar_dir, tmp_path
 ):
     run_config = _run_config(cifar_dir, tmp_path)
@@ -91,10 +130,21 @@ run_tutorial_simulation(num_supernodes={NODES}, run_config={run_config!r},
     exit_code, output = run_python(code, timeout=240)
     assert exit_code == 0, output[-4000:]
     (run_dir,) = tmp_path.iterdir()
-    round_1 = json.loads((run_dir / "history.json").read_text())["rounds"][1]
-    assert round_1["fit_clients"] == NODES - len(FAULTS)
+    history = json.loads((run_dir / "history.json").read_text())
+    # Three never said which partition they hold, and were never asked to train.
+    left_out = " | ".join(history["nodes_left_out"])
+    assert len(history["nodes_left_out"]) == len(NOT_SAMPLED)
+    for expected in (
+        "partition-id = '5', expected an integer",
+        "num-partitions = 1000000000, but the other SuperNodes say 11",
+        "get_properties failed",
+    ):
+        assert expected in left_out
+    assert history["num_partitions"] == NODES
+    round_1 = history["rounds"][1]
+    assert sorted(int(k) for k in round_1["fit_examples"]) == SOUND_UPDATES
     reasons = " | ".join(round_1["fit_failures"])
-    assert len(round_1["fit_failures"]) == len(FAULTS)
+    assert len(round_1["fit_failures"]) == 5
     for expected in (
         "simulated crash",
         "partition 1: array 0 holds NaN",
@@ -103,12 +153,29 @@ run_tutorial_simulation(num_supernodes={NODES}, run_config={run_config!r},
         "partition 4: num_examples = 0",
     ):
         assert expected in reasons
+    (evaluation,) = round_1["evaluate_failures"]
+    assert evaluation == (
+        "partition 7: metric 'accuracy' = nan, expected a number in [0, 1]"
+    )
+    assert round_1["evaluate_clients"] == NODES - len(NOT_SAMPLED) - 1
+    assert 0 <= round_1["distributed_accuracy"] <= 1
     assert "a client was left out" in output  # and the log says so
+    # The model is the example-weighted average of the sound updates, which differ
+    # in size, so that an unweighted mean would not pass.
     net = Net()
     net.load_state_dict(torch.load(run_dir / "final_model.pt"))
-    expected = _sound_average(run_config)
-    for got, want in zip(get_parameters(net), expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    got = get_parameters(net)
+    updates = _sound_updates(run_config)
+    assert [n for _, n in updates] == [
+        round_1["fit_examples"][str(pid)] for pid in SOUND_UPDATES
+    ]
+    assert len({n for _, n in updates}) > 1
+    for array, want in zip(got, _mean(updates, weighted=True), strict=True):
+        np.testing.assert_allclose(array, want, rtol=1e-5, atol=1e-7)
+    assert not all(
+        np.allclose(array, want, rtol=1e-5, atol=1e-7)
+        for array, want in zip(got, _mean(updates, weighted=False), strict=True)
+    )
 
 
 # Long enough for round 1 (which also starts the clients) even on a loaded machine.

@@ -70,7 +70,8 @@ def _strategy(
     return strategy
 
 
-def _fit_res(array: np.ndarray, num_examples: int = 100, **metrics) -> FitRes:
+def _fit_res(array: np.ndarray, num_examples: int = 100) -> FitRes:
+    metrics = {"train_loss": 1.0}  # as the app's clients report it
     return FitRes(OK, ndarrays_to_parameters([array]), num_examples, metrics)
 
 
@@ -174,7 +175,7 @@ def test_unsound_evaluations_are_left_out(tmp_path):
     assert loss == 1.0
     failures = strategy.recorder.rounds[2]["evaluate_failures"]
     assert failures == [
-        "partition 1: loss = nan, expected a finite number",
+        "partition 1: loss = nan, expected a finite number >= 0",
         "partition 2: num_examples = 0, expected > 0",
     ]
 
