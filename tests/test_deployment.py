@@ -3,15 +3,24 @@
 Each test starts a local deployment on free loopback ports (insecure, or TLS with
 SuperNode authentication), runs the app with `flwr run` on tiny synthetic data
 and stops every process by PID, also when the test fails. Those are marked
-`deployment` (`pytest -m deployment`); they run in CI with the rest.
+`deployment` (`pytest -m deployment`); they run in CI with the rest. The others
+check, without starting Flower, what stop signals, which files and names are
+refused, certificates and the lock.
 """
 
+import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,29 +34,46 @@ from conftest import (
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.cli.flower_config import write_superlink_connection
+from flwr.cli.typing import SuperLinkConnection
 
 from flower_tutorial.deployment import local as deployment
 from flower_tutorial.deployment import security
 
 FLWR = deployment._bin("flwr")
+NOBODY = 65534  # another user's uid
+
+
+@pytest.fixture(autouse=True)
+def flwr_home(tmp_path, monkeypatch) -> Path:
+    """A Flower Configuration of the test's own: never the user's."""
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    return home
+
+
+def _connections(flwr_home: Path) -> dict:
+    """The connections of the Flower Configuration in `flwr_home`."""
+    return tomllib.loads((flwr_home / "config.toml").read_text())["superlink"]
 
 
 @pytest.fixture
 def deploy(tmp_path, monkeypatch) -> Iterator[Callable[..., deployment.Deployment]]:
     """Start local deployments (Flower Configuration in tmp); stop them by PID."""
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     _set_child_subreaper()  # so that orphaned ClientApp processes are found too
     started: list[deployment.Deployment] = []
 
-    def start(num_supernodes: int, **kwargs) -> deployment.Deployment:
-        where = tmp_path / f"deployment-{len(started)}"
+    def start(
+        num_supernodes: int, directory: Path | None = None, **kwargs
+    ) -> deployment.Deployment:
+        where = directory or tmp_path / f"deployment-{len(started)}"
         started.append(deployment.start(where, num_supernodes, **kwargs))
         return started[-1]
 
     yield start
     for running in started:
-        running.stop()
+        deployment.stop(running.directory)
     time.sleep(1)
     left = _kill_descendants()
     assert not left, f"processes left running by the test (now killed): {left}"
@@ -96,7 +122,7 @@ def _assert_trained(history: dict, rounds: int, clients: int) -> None:
 
 @pytest.mark.deployment
 def test_insecure_deployment_on_a_partition_and_a_local_folder(
-    deploy, cifar_dir, tmp_path
+    deploy, cifar_dir, tmp_path, flwr_home
 ):
     site = tmp_path / "site-1"
     site.mkdir()
@@ -110,25 +136,40 @@ def test_insecure_deployment_on_a_partition_and_a_local_folder(
     # Node 0 trained on partition 0 of 2 (120 images, 96 after the 80/20 split),
     # node 1 on its own folder's 60 images (48).
     assert history["rounds"][1]["fit_examples"] == {"0": 96, "1": 48}
+    # stop removes the connection start added, and only that one.
+    assert dep.connection in _connections(flwr_home)
+    _, killed, removed = deployment.stop(dep.directory)
+    assert removed and not killed
+    assert set(_connections(flwr_home)) == {"default", "local", "supergrid"}
 
 
 @pytest.mark.deployment
 def test_secured_deployment_admits_registered_supernodes_only(
-    deploy, cifar_dir, tmp_path
+    deploy, cifar_dir, tmp_path, monkeypatch
 ):
-    dep = deploy(2, secure=True)
+    # TLS files of an earlier start that expire soon: refused, then renewed.
+    where = tmp_path / "secure"
+    _expiring_tls(monkeypatch, where / "certs", 10)
+    with pytest.raises(ValueError, match=r"expires on .* start --secure --renew"):
+        deploy(2, directory=where, secure=True)
+    dep = deploy(2, directory=where, secure=True, renew=True)
+    ca_pem = security.tls_files(dep.certs).ca_cert.read_bytes()
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    in_300_days = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=300)
+    assert ca.not_valid_after_utc > in_300_days
+    assert ca.extensions.get_extension_for_class(x509.NameConstraints).critical
     # A third SuperNode whose key was never registered is refused and exits.
     stranger_key = security.make_supernode_key(tmp_path / "stranger", "stranger")
     config = deployment.node_config(0, 2, None)
     argv = deployment.supernode_argv(dep, config, deployment.free_port(), stranger_key)
-    pid = dep.spawn("stranger", argv)
+    stranger = dep.spawn("stranger", argv)
     out = tmp_path / "outputs"
     _flwr_run(dep, _run_config(cifar_dir, out, nodes=2, rounds=2), 300)
     _assert_trained(_history(out), rounds=2, clients=2)
     deadline = time.monotonic() + 60
-    while deployment._running(pid) and time.monotonic() < deadline:
+    while stranger.running() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not deployment._running(pid), "the unregistered SuperNode was not refused"
+    assert not stranger.running(), "the unregistered SuperNode was not refused"
     assert "Failed to activate SuperNode" in dep.log_tail("stranger", 40)
 
 
@@ -156,7 +197,7 @@ def test_a_supernode_killed_during_the_run(deploy, cifar_dir, tmp_path):
             assert time.monotonic() < deadline, "round 1 did not end in 300 s"
             time.sleep(0.5)
         # A crash, not a shutdown: the SuperLink is not told the node left.
-        os.killpg(dep.pids["supernode-2"], signal.SIGKILL)
+        os.killpg(dep.processes["supernode-2"].pid, signal.SIGKILL)
         # Bounded: the SuperLink declares a silent node gone after its heartbeats
         # stop (about a minute), and its messages then fail.
         run.wait(timeout=400)
@@ -172,8 +213,36 @@ def test_a_supernode_killed_during_the_run(deploy, cifar_dir, tmp_path):
     assert rounds[3]["centralized_accuracy"] is not None
 
 
+# --- Certificates and keys -------------------------------------------------------
+
+
+def _tls_handshake(files: security.TlsFiles, cert: Path, key: Path, host: str) -> None:
+    """Connect to a TLS server with `cert` as `host`, trusting the CA (OpenSSL)."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(files.ca_cert))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with contextlib.suppress(OSError):  # the client may refuse us
+                server.wrap_socket(conn, server_side=True).close()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            with (
+                socket.create_connection(listener.getsockname()) as raw,
+                client.wrap_socket(raw, server_hostname=host),
+            ):
+                pass
+        finally:
+            thread.join(10)
+
+
 def test_tls_files_name_the_hosts_and_chain_to_the_ca(tmp_path):
-    files = security.make_tls_files(tmp_path, ["superlink.example.org", "127.0.0.1"])
+    hosts = ["superlink.example.org", "127.0.0.1"]
+    files = security.make_tls_files(tmp_path / "certs", hosts, tmp_path / "ca")
     ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
@@ -182,23 +251,353 @@ def test_tls_files_name_the_hosts_and_chain_to_the_ca(tmp_path):
     assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == [
         "127.0.0.1"
     ]
-    assert files.server_key.stat().st_mode & 0o777 == 0o600
+    # The CA may sign for exactly these names, and says so critically.
+    constraints = ca.extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraints.critical
+    assert constraints.value.permitted_subtrees == [
+        x509.DNSName("superlink.example.org"),
+        x509.IPAddress(ipaddress.ip_network("127.0.0.1/32")),
+    ]
     with pytest.raises(ValueError, match="exist already"):  # never a silent new CA
-        security.make_tls_files(tmp_path)
+        security.make_tls_files(tmp_path / "certs", hosts, tmp_path / "ca2")
+
+
+def test_openssl_accepts_the_server_and_refuses_other_names_from_the_ca(tmp_path):
+    files = security.make_tls_files(tmp_path / "certs", ca_dir=tmp_path / "ca")
+    for host in security.LOOPBACK_NAMES:
+        _tls_handshake(files, files.server_cert, files.server_key, host)
+    # Whoever took the CA key signs for another name: clients refuse it.
+    ca = security.ca_files(tmp_path / "ca")
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    key, cert = security._issue_server_cert(
+        ca_key, ca_cert, ["evil.example"], security._now()
+    )
+    (tmp_path / "evil.pem").write_bytes(security._pem_cert(cert))
+    (tmp_path / "evil.key").write_bytes(security._pem_key(key))
+    with pytest.raises(ssl.SSLCertVerificationError, match="permitted subtree"):
+        _tls_handshake(
+            files, tmp_path / "evil.pem", tmp_path / "evil.key", "evil.example"
+        )
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_keys_are_private_and_the_ca_key_is_kept_apart(tmp_path):
+    files = security.make_tls_files(tmp_path / "site" / "certs", ca_dir=tmp_path / "ca")
+    ca = security.ca_files(tmp_path / "ca")
+    assert {p.name for p in files.server_key.parent.iterdir()} == {
+        "ca.crt",
+        "server.pem",
+        "server.key",
+    }
+    assert _mode(files.server_key) == _mode(ca.key) == 0o600
+    assert _mode(files.server_cert) == _mode(files.ca_cert) == 0o644
+    # Every folder it made, the missing parent too, is its owner's only.
+    for folder in (tmp_path / "site", tmp_path / "site" / "certs", tmp_path / "ca"):
+        assert _mode(folder) == 0o700, folder
+    # Without a CA folder (deployment start --secure), the CA key is not kept.
+    security.make_tls_files(tmp_path / "local" / "certs")
+    assert sorted(p.name for p in (tmp_path / "local").rglob("*.key")) == ["server.key"]
+    private = security.make_supernode_key(tmp_path / "keys", "org.3")
+    assert _mode(private) == 0o600 and _mode(tmp_path / "keys") == 0o700
+    with pytest.raises(ValueError, match="the SuperLink's folder"):
+        security.make_tls_files(tmp_path / "same", ca_dir=tmp_path / "same")
 
 
 def test_supernode_keys_are_p384_in_openssh_format(tmp_path):
-    private = security.make_supernode_key(tmp_path, "org.3")
+    private = security.make_supernode_key(tmp_path / "keys", "org.3")
     key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
     assert isinstance(key.curve, ec.SECP384R1)
     public = security.public_key_path(private).read_text()
     assert public.startswith("ecdsa-sha2-nistp384 ") and public.endswith(" org.3\n")
+    with pytest.raises(ValueError, match=r"--name '../org' is not allowed"):
+        security.make_supernode_key(tmp_path / "keys", "../org")
+
+
+def _expiring_tls(monkeypatch, certs: Path, days: float, **kwargs) -> security.TlsFiles:
+    """Make TLS files valid for `days` days from 5 minutes ago (0.001: expired)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(security, "VALID_DAYS", days)
+        return security.make_tls_files(certs, **kwargs)
+
+
+@pytest.mark.parametrize(("days", "when"), [(10, "expires"), (0.001, "expired")])
+def test_start_refuses_expiring_tls_files_and_says_how_to_renew(
+    tmp_path, monkeypatch, days, when
+):
+    where = tmp_path / "dep"
+    _expiring_tls(monkeypatch, where / "certs", days)
+    message = rf"ca.crt {when} on .*: renew it with .*start --secure --renew --dir"
+    with pytest.raises(ValueError, match=message):
+        deployment.start(where, 1, secure=True)
+    assert sorted(p.name for p in where.iterdir()) == ["certs"]  # nothing started
+
+
+def test_start_refuses_a_ca_key_in_the_superlinks_folder(tmp_path):
+    where = tmp_path / "dep"
+    security.make_tls_files(where / "certs")
+    security.write_new(where / "certs" / "ca.key", b"an earlier version's CA key")
+    with pytest.raises(ValueError, match=r"ca.key: the CA's private key lies"):
+        deployment.start(where, 1, secure=True)
+
+
+def test_renew_replaces_the_server_certificate_from_the_same_ca(
+    tmp_path, monkeypatch, capsys
+):
+    certs, ca_dir = tmp_path / "certs", tmp_path / "ca"
+    security.main(["tls", "--dir", str(certs), "--ca-dir", str(ca_dir)])
+    assert f"CA key: {ca_dir / 'ca.key'} - keep it off" in capsys.readouterr().out
+    files = security.tls_files(certs)
+    with monkeypatch.context() as patch:  # a server certificate near its end
+        patch.setattr(security, "VALID_DAYS", 10)
+        security.renew_server_cert(certs, ca_dir)
+    with pytest.raises(ValueError, match="server.pem expires on"):
+        security.check_not_expiring([files.server_cert], "renew")
+    security.main(["renew", "--dir", str(certs), "--ca-dir", str(ca_dir)])
+    assert "Renewed" in capsys.readouterr().out
+    security.check_not_expiring([files.ca_cert, files.server_cert], "renew")
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert security._certificate_names(server) == ["localhost", "127.0.0.1"]
+    assert _mode(files.server_key) == 0o600
+    assert not list(certs.glob("*.new"))
+    with pytest.raises(ValueError, match=r"--host 'evil.example' is not allowed"):
+        security.renew_server_cert(certs, ca_dir, ["evil.example"])
+
+
+def test_renew_refuses_an_expiring_ca(tmp_path, monkeypatch):
+    _expiring_tls(monkeypatch, tmp_path / "certs", 10, ca_dir=tmp_path / "ca")
+    with pytest.raises(ValueError, match=r"ca.crt expires on .*make a new CA"):
+        security.renew_server_cert(tmp_path / "certs", tmp_path / "ca")
+
+
+@pytest.mark.parametrize("host", ["*.example.org", "a b", "", "x" * 254])
+def test_tls_refuses_hosts_a_certificate_cannot_carry(tmp_path, host):
+    with pytest.raises(ValueError, match="is not allowed"):
+        security.make_tls_files(tmp_path / "certs", [host])
+    assert not (tmp_path / "certs").exists()
+
+
+# --- Files and folders -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "deployment.json",
+        "deployment.lock",
+        "superlink.log",
+        "certs/server.key",
+        "certs/ca.crt",
+        "keys/supernode-0",
+    ],
+)
+def test_start_refuses_a_symlink_in_place_of_its_files(tmp_path, link):
+    where = tmp_path / "dep"
+    (where / link).parent.mkdir(mode=0o700, parents=True)
+    target = tmp_path / "elsewhere"
+    target.write_text("not the deployment's")
+    (where / link).symlink_to(target)
+    with pytest.raises(ValueError, match=rf"{link} is a symbolic link: refused"):
+        deployment.start(where, 1, secure=True)
+    assert target.read_text() == "not the deployment's"
+    assert [p.name for p in where.iterdir()] == [link.split("/")[0]]  # nothing new
+
+
+def test_state_and_logs_are_never_written_through_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("not the deployment's")
+    where = tmp_path / "dep"
+    where.mkdir(mode=0o700)
+    dep = deployment.Deployment(where, "test", 0, secure=False)
+    (where / "deployment.json").symlink_to(target)
+    dep.save()  # replaces the link, does not follow it
+    assert not (where / "deployment.json").is_symlink()
+    (where / "probe.log").symlink_to(target)
+    with pytest.raises(ValueError, match=r"probe.log is a symbolic link"):
+        dep.spawn("probe", ["true"])
+    assert target.read_text() == "not the deployment's"
+    assert dep.processes == {}
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root")
+def test_a_folder_of_another_user_is_refused(tmp_path):
+    where = tmp_path / "dep"
+    where.mkdir(mode=0o700)
+    os.chown(where, NOBODY, NOBODY)
+    message = rf"{where} belongs to uid {NOBODY}: refused; expected your own"
+    with pytest.raises(ValueError, match=message):
+        deployment.start(where, 1)
+    with pytest.raises(ValueError, match=message):
+        security.make_supernode_key(where, "org-1")
+    assert list(where.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("folder", "mode", "make"),
+    [
+        ("dep", 0o775, lambda p: deployment.start(p, 1)),
+        ("keys", 0o755, lambda p: security.make_supernode_key(p, "org-1")),
+        ("certs", 0o750, lambda p: security.make_tls_files(p)),
+    ],
+)
+def test_a_folder_others_can_change_or_read_keys_in_is_refused(
+    tmp_path, folder, mode, make
+):
+    path = tmp_path / folder
+    path.mkdir()
+    path.chmod(mode)
+    with pytest.raises(ValueError, match=rf"{path} has mode 0{mode:o}: refused"):
+        make(path)
+    assert list(path.iterdir()) == []
+
+
+# --- Connection names ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("default", "Flower's configuration uses it itself"),
+        ("local", "Flower's configuration uses it itself"),
+        ("supergrid", "Flower's configuration uses it itself"),
+        ("a.b", "expected letters, digits, '-' and '_'"),
+        ("", "expected letters, digits, '-' and '_'"),
+    ],
+)
+def test_start_refuses_a_reserved_or_malformed_connection_name(tmp_path, name, message):
+    with pytest.raises(ValueError, match=rf"--connection '{name}' is not allowed: "):
+        deployment.start(tmp_path / "dep", 1, connection=name)
+    with pytest.raises(ValueError, match=message):
+        deployment.check_connection(name, None)
+    assert not (tmp_path / "dep").exists()
+
+
+def test_start_refuses_a_connection_the_user_has_but_its_own(tmp_path, flwr_home):
+    mine = SuperLinkConnection(name="mine", address="10.0.0.1:9093", insecure=True)
+    write_superlink_connection(mine)
+    with pytest.raises(ValueError, match=r"has a connection of that name already"):
+        deployment.start(tmp_path / "dep", 1, connection="mine")
+    assert not (tmp_path / "dep").exists()
+    assert _connections(flwr_home)["mine"]["address"] == "10.0.0.1:9093"
+    # The same folder's stopped deployment may take its own connection back.
+    own = deployment.Deployment(tmp_path, "own", 9092, secure=False)
+    own.add_connection()
+    deployment.check_connection("own", own)
+    with pytest.raises(ValueError, match=r"--connection 'own' is not allowed"):
+        deployment.check_connection("own", None)
+
+
+def test_stop_removes_the_connection_start_added_and_no_other(tmp_path, flwr_home):
+    dep = deployment.Deployment(tmp_path, "mine", 9092, secure=False)
+    dep.save()
+    dep.add_connection()
+    other = SuperLinkConnection(name="other", address="10.0.0.1:9093", insecure=True)
+    write_superlink_connection(other)
+    assert deployment.stop(tmp_path)[1:] == ([], True)
+    assert set(_connections(flwr_home)) == {"default", "local", "supergrid", "other"}
+    # A connection of that name the user pointed elsewhere since is theirs.
+    write_superlink_connection(
+        SuperLinkConnection(name="mine", address="10.0.0.1:9092", insecure=True)
+    )
+    assert deployment.stop(tmp_path)[1:] == ([], False)
+    assert "mine" in _connections(flwr_home)
+
+
+# --- Stopping by PID, start time and boot ------------------------------------------
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen]:
+    """An unrelated process leading its own group, as ours do; ended by PID."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("mismatch", ["command line", "start time", "boot"])
+def test_stop_spares_a_process_that_took_a_recorded_pid(tmp_path, sleeper, mismatch):
+    start_time = deployment._proc_info(sleeper.pid).start_time
+    argv = ("sleep", "60")
+    record, boot_id = {
+        "command line": (
+            deployment.ProcessRecord(sleeper.pid, start_time, ("flower-superlink",)),
+            deployment._boot_id(),
+        ),
+        "start time": (
+            deployment.ProcessRecord(sleeper.pid, start_time - 1, argv),
+            deployment._boot_id(),
+        ),
+        "boot": (
+            deployment.ProcessRecord(sleeper.pid, start_time, argv),
+            "another-boot",
+        ),
+    }[mismatch]
+    dep = deployment.Deployment(tmp_path, "test", 9092, secure=False, boot_id=boot_id)
+    dep.processes["superlink"] = record
+    dep.save()
+    _, killed, _ = deployment.stop(tmp_path)
+    time.sleep(0.5)
+    assert sleeper.poll() is None, "stop signalled a process not the deployment's"
+    assert killed == []
+    assert deployment.Deployment.load(tmp_path).processes == {}
+
+
+def test_stop_ends_recorded_processes_and_their_descendants(tmp_path):
+    # A child in a session of its own, as Flower starts its SuperExec.
+    code = (
+        "import subprocess; "
+        "p = subprocess.Popen(['sleep', '60'], start_new_session=True); "
+        "print(p.pid, flush=True); p.wait()"
+    )
+    dep = deployment.Deployment(tmp_path, "test", 9092, secure=False)
+    parent = dep.spawn("parent", [sys.executable, "-c", code])
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "parent.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child_pid = int((tmp_path / "parent.log").read_text())
+    child = deployment.ProcessRecord(
+        child_pid, deployment._proc_info(child_pid).start_time, ("sleep", "60")
+    )
+    try:
+        assert dep.stop() == []  # both ended on SIGTERM
+        assert not parent.running() and not child.running()
+        assert dep.processes == {}
+    finally:
+        for proc in (parent, child):
+            if proc.running():
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+# --- Input, state and the lock -------------------------------------------------
+
+
+def test_a_second_start_or_stop_in_the_folder_is_refused_while_one_runs(tmp_path):
+    where = tmp_path / "dep"
+    where.mkdir(mode=0o700)
+    deployment.Deployment(where, "test", 9092, secure=False).save()
+    with deployment._locked(where):  # the first start, still starting
+        for action in (
+            lambda: deployment.start(where, 1),
+            lambda: deployment.stop(where),
+        ):
+            with pytest.raises(
+                RuntimeError, match=r"is in use by another start or stop"
+            ):
+                action()
+    assert not (where / "superlink.log").exists()
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_supernodes": 0}, r"--supernodes = 0 is not allowed: expected >= 1"),
+        ({"num_supernodes": 0}, r"--supernodes = 0 is not allowed: expected 1 to 64"),
+        ({"num_supernodes": 65}, r"--supernodes = 65 is not allowed: expected 1 to 64"),
         (
             {"num_supernodes": 2, "data_paths": {2: "."}},
             r"--data-path 2=\.\.\. is not allowed: .*\[0, 2\)",
@@ -207,6 +606,7 @@ def test_supernode_keys_are_p384_in_openssh_format(tmp_path):
             {"num_supernodes": 2, "data_paths": {1: "/no/such/site"}},
             r"--data-path 1='/no/such/site': no such folder",
         ),
+        ({"num_supernodes": 1, "renew": True}, r"--renew is not allowed without"),
     ],
 )
 def test_start_refuses_bad_input_before_starting_anything(tmp_path, kwargs, message):
@@ -218,6 +618,9 @@ def test_start_refuses_bad_input_before_starting_anything(tmp_path, kwargs, mess
 def test_stop_needs_a_started_deployment(tmp_path):
     with pytest.raises(ValueError, match=r"holds no deployment.json"):
         deployment.Deployment.load(tmp_path)
+    (tmp_path / "deployment.json").write_text('{"pids": {"superlink": 1}}')
+    with pytest.raises(ValueError, match=r"not a deployment record of this version"):
+        deployment.stop(tmp_path)
 
 
 def test_node_config_quotes_the_data_path(tmp_path):
@@ -238,12 +641,15 @@ def test_spawn_defaults_give_way_to_the_callers_environment(
         monkeypatch.setenv("OMP_NUM_THREADS", user_value)
     dep = deployment.Deployment(tmp_path, "test", 0, secure=False)
     code = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['PATH'])"
-    pid = dep.spawn("probe", [sys.executable, "-c", code], {"OMP_NUM_THREADS": "1"})
-    os.waitpid(pid, 0)
+    argv = [sys.executable, "-c", code]
+    record = dep.spawn("probe", argv, {"OMP_NUM_THREADS": "1"})
+    os.waitpid(record.pid, 0)
     threads, path = (tmp_path / "probe.log").read_text().split(maxsplit=1)
     assert threads == expected
     # Flower's own commands are found in this environment first.
     assert path.startswith(str(Path(sys.executable).parent))
-    assert json.loads((tmp_path / "deployment.json").read_text())["pids"] == {
-        "probe": pid
+    state = json.loads((tmp_path / "deployment.json").read_text())
+    assert state["processes"] == {
+        "probe": {"pid": record.pid, "start_time": record.start_time, "argv": argv}
     }
+    assert state["boot_id"] == deployment._boot_id()

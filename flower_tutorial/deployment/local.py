@@ -1,10 +1,10 @@
 """Start and stop a local deployment: a SuperLink and SuperNodes on this machine.
 
 Starts one SuperLink and N SuperNodes as separate processes on loopback (Linux:
-processes are found through /proc when stopping), each
-SuperNode with its own ``partition-id`` (or its own data folder), adds a
-connection for them to the Flower Configuration, and stops every process again
-by PID::
+processes are found through /proc and signalled through pidfds), each SuperNode
+with its own ``partition-id`` (or its own data folder), adds a connection for
+them to the Flower Configuration, and stops every process again by PID,
+removing that connection::
 
     python -m flower_tutorial.deployment start --supernodes 3 --dir deployment
     flwr run . local-deployment --stream
@@ -12,50 +12,278 @@ by PID::
 
 With ``--secure``, the SuperLink serves TLS with a certificate from a CA made
 here, and admits only SuperNodes whose public keys were registered. Runs use the
-installed environment: runtime dependency installation is turned off.
+installed environment: runtime dependency installation is turned off. Neither
+authenticates the users who start runs: see docs/deployment.md, "Who can do
+what in a deployment".
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import tomllib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from click import ClickException
-from flwr.cli.flower_config import write_superlink_connection
+from flwr.cli.constant import (
+    CHAT_SUPERGRID_CONNECTION_NAME,
+    DEFAULT_FLOWER_CONFIG_TOML,
+    FLOWER_CONFIG_FILE,
+    SuperLinkConnectionTomlKey,
+)
+from flwr.cli.flower_config import write_flower_config, write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
+from flwr.supercore.utils import get_flwr_home
 
 from flower_tutorial.deployment import security
 
 STATE_FILE = "deployment.json"
+LOCK_FILE = "deployment.lock"
 LOOPBACK = "127.0.0.1"
 # Seconds a process gets to exit on SIGTERM before it is killed.
 STOP_GRACE = 10.0
+# A bound, not a measured limit: every SuperNode is a process on this one machine
+# that starts a PyTorch ClientApp process per message (10 SuperNodes on 2 cores
+# took 285 s for one round). 64 leaves room for big machines and stops a typo
+# (1000) from starting a thousand processes.
+MAX_SUPERNODES = 64
+# The programs of Flower's that a deployment's processes run, by executable name:
+# a process group whose leader has exited is stopped only while it runs these.
+FLOWER_PROGRAMS = frozenset(
+    {
+        "flower-superlink",
+        "flower-supernode",
+        "flower-superexec",
+        "flwr-serverapp",
+        "flwr-clientapp",
+        "flwr-simulation",
+    }
+)
+# A connection is a table [superlink.NAME] in Flower's config.toml: a dot would
+# nest tables, and these names are Flower's own (its default connection's key,
+# the connections it creates itself, and the one `flwr chat` uses).
+CONNECTION_NAME = re.compile(r"[A-Za-z0-9_-]+")
+RESERVED_CONNECTIONS = frozenset(
+    {
+        SuperLinkConnectionTomlKey.DEFAULT,
+        CHAT_SUPERGRID_CONNECTION_NAME,
+        *tomllib.loads(DEFAULT_FLOWER_CONFIG_TOML)[
+            SuperLinkConnectionTomlKey.SUPERLINK
+        ],
+    }
+)
+
+
+class _ProcInfo(NamedTuple):
+    """What /proc/PID tells of a process."""
+
+    ppid: int
+    pgid: int
+    uid: int
+    start_time: int  # clock ticks after boot (field 22 of /proc/PID/stat)
+    state: str
+    argv: list[str]
+
+
+def _proc_info(pid: int) -> _ProcInfo | None:
+    """Return /proc's view of `pid`, or None if no such process exists (now)."""
+    try:
+        # The command name (field 2) may hold spaces and ')': fields after the last.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        uid = os.stat(f"/proc/{pid}").st_uid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return None
+    argv = [os.fsdecode(arg) for arg in cmdline.split(b"\0")[:-1]]
+    return _ProcInfo(
+        int(fields[1]), int(fields[2]), uid, int(fields[19]), fields[0], argv
+    )
+
+
+def _boot_id() -> str:
+    """Return the ID of this boot (PIDs and start times of another mean nothing)."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _running(pid: int, start_time: int) -> bool:
+    """Whether the process started at `start_time` still runs as `pid`.
+
+    A zombie does not run; it is reaped here if it is our child.
+    """
+    info = _proc_info(pid)
+    if info is None or info.start_time != start_time:
+        return False
+    if info.state == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return True
+
+
+def _same_command(cmdline: Sequence[str], argv: Sequence[str]) -> bool:
+    """Whether a process runs exactly `argv`.
+
+    A script started by its shebang line shows its interpreter first.
+    """
+    return list(cmdline) == list(argv) or list(cmdline[1:]) == list(argv)
+
+
+def _runs_flower(cmdline: Sequence[str]) -> bool:
+    """Whether a process runs one of FLOWER_PROGRAMS (or its interpreter does)."""
+    return any(Path(arg).name in FLOWER_PROGRAMS for arg in cmdline[:2])
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A process `start` launched: enough to tell it from a later one with its PID."""
+
+    pid: int
+    start_time: int
+    argv: tuple[str, ...]
+
+    def running(self) -> bool:
+        """Whether this process (not merely its PID) still runs."""
+        return _running(self.pid, self.start_time)
+
+
+@dataclass
+class _Pinned:
+    """A process to stop, held by a pidfd: a signal reaches it and no other.
+
+    Without a pidfd (Linux before 5.3) it is signalled by PID after checking its
+    start time again, which leaves a short window for a reused PID.
+    """
+
+    pid: int
+    start_time: int
+    pidfd: int | None
+
+    def running(self) -> bool:
+        """Whether it has not exited yet."""
+        return _running(self.pid, self.start_time)
+
+    def send(self, sig: int) -> None:
+        """Send `sig`; the process may have exited meanwhile."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            elif self.running():
+                os.kill(self.pid, sig)
+
+    def close(self) -> None:
+        """Release the pidfd."""
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+
+
+def _pin(pid: int, start_time: int) -> _Pinned | None:
+    """Return the process `pid` if it is still the one started at `start_time`."""
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError as ex:
+        if ex.errno != errno.ENOSYS:
+            return None  # gone, or now the ID of a thread, not of a process
+        pidfd = None
+    # Checked after opening: the pidfd holds whatever process had the PID then,
+    # and a later process cannot have the start time of an earlier one.
+    if _running(pid, start_time):
+        return _Pinned(pid, start_time, pidfd)
+    if pidfd is not None:
+        os.close(pidfd)
+    return None
+
+
+def _process_table() -> dict[int, _ProcInfo]:
+    """Return every process /proc lists now."""
+    table = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        info = _proc_info(int(entry.name))
+        if info is not None:  # else it ended while we looked
+            table[int(entry.name)] = info
+    return table
+
+
+def _pin_trees(records: Sequence[ProcessRecord], boot_id: str) -> list[_Pinned]:
+    """Pin the recorded processes that still run, their groups and descendants.
+
+    A recorded process counts only with its PID, start time and command line
+    (from this boot). A group whose leader has exited (a refused SuperNode)
+    counts with members of this user that run Flower's programs and started
+    after it; each process is `start_new_session`, so its group is its own.
+    Descendants (Flower starts its SuperExec in a session of its own) count as
+    found: a live process's children are its own.
+    """
+    if boot_id != _boot_id():
+        return []  # recorded before a reboot: any of those PIDs is another's now
+    table = _process_table()
+    uid = os.getuid()
+    chosen: set[int] = set()
+    for record in records:
+        leader = table.get(record.pid)
+        leader_runs = (
+            leader is not None
+            and leader.start_time == record.start_time
+            and leader.uid == uid
+            and _same_command(leader.argv, record.argv)
+        )
+        # While its leader runs, a group's ID cannot be reused: all of it is ours.
+        chosen |= {
+            pid
+            for pid, info in table.items()
+            if info.pgid == record.pid
+            and info.uid == uid
+            and (
+                leader_runs
+                or (info.start_time >= record.start_time and _runs_flower(info.argv))
+            )
+        }
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, info in table.items():
+        children[info.ppid].append(pid)
+    stack = list(chosen)
+    while stack:
+        for child in children[stack.pop()]:
+            if child not in chosen:
+                chosen.add(child)
+                stack.append(child)
+    pinned = (_pin(pid, table[pid].start_time) for pid in chosen)
+    return [process for process in pinned if process is not None]
 
 
 @dataclass
 class Deployment:
-    """A running local deployment: where it lives and the PIDs of its processes."""
+    """A running local deployment: where it lives and which processes it runs."""
 
     directory: Path
     connection: str
     superlink_port: int
     secure: bool
-    pids: dict[str, int] = field(default_factory=dict)
+    boot_id: str = field(default_factory=_boot_id)
+    processes: dict[str, ProcessRecord] = field(default_factory=dict)
 
     @property
     def certs(self) -> Path:
-        """The folder of the TLS files (with `secure`)."""
+        """The folder of the SuperLink's TLS files (with `secure`)."""
         return self.directory / "certs"
+
+    @property
+    def keys(self) -> Path:
+        """The folder of the SuperNodes' private keys (with `secure`)."""
+        return self.directory / "keys"
 
     @property
     def address(self) -> str:
@@ -63,29 +291,45 @@ class Deployment:
         return f"{LOOPBACK}:{self.superlink_port}"
 
     def save(self) -> None:
-        """Record the deployment (after every process started: stop needs all PIDs)."""
+        """Record the deployment (after every process started: stop needs all)."""
         state = asdict(self) | {"directory": str(self.directory)}
-        tmp = self.directory / f"{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.directory / STATE_FILE)
+        security.write_replacing(
+            self.directory / STATE_FILE, json.dumps(state, indent=2).encode()
+        )
 
     @classmethod
     def load(cls, directory: Path) -> Deployment:
-        """Read the deployment that `start` recorded in `directory`."""
+        """Read the deployment that `start` recorded in `directory`.
+
+        It lives where it was read (the folder that was checked and is locked),
+        whatever folder the record names.
+        """
         path = directory / STATE_FILE
-        if not path.is_file():
+        try:
+            security.check_owned(directory, private=False)
+            state = json.loads(security.read_owned(path, private=False))
+            processes = {
+                name: ProcessRecord(p["pid"], p["start_time"], tuple(p["argv"]))
+                for name, p in state.pop("processes").items()
+            }
+            state |= {"directory": directory.resolve(), "processes": processes}
+            return cls(**state)
+        except FileNotFoundError:
             raise ValueError(
                 f"--dir {str(directory)!r} holds no {STATE_FILE}: expected the "
                 "folder of a deployment started with "
                 "`python -m flower_tutorial.deployment start`."
-            )
-        state = json.loads(path.read_text())
-        return cls(**(state | {"directory": Path(state["directory"])}))
+            ) from None
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as ex:
+            raise ValueError(
+                f"{path} is not a deployment record of this version ({ex!r}): "
+                "stop its processes by hand, then remove the file."
+            ) from None
 
     def spawn(
         self, name: str, argv: Sequence[str], defaults: dict[str, str] | None = None
-    ) -> int:
-        """Start `argv` in its own session, logging to <name>.log; record its PID.
+    ) -> ProcessRecord:
+        """Start `argv` in its own session, logging to <name>.log; record it.
 
         `defaults` are environment variables the caller's environment may override.
         """
@@ -96,7 +340,10 @@ class Deployment:
         # from this environment, also when it is not activated.
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-        with open(self.directory / f"{name}.log", "wb") as log:
+        log_fd = security.open_nofollow(
+            self.directory / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        )
+        with os.fdopen(log_fd, "wb") as log:
             proc = subprocess.Popen(
                 list(argv),
                 stdout=log,
@@ -107,94 +354,123 @@ class Deployment:
                 # terminal that ran `start` does not reach it).
                 start_new_session=True,
             )
-        self.pids[name] = proc.pid
+        info = _proc_info(proc.pid)
+        assert info is not None  # our child, not reaped: /proc has it until then
+        record = ProcessRecord(proc.pid, info.start_time, tuple(argv))
+        self.processes[name] = record
         self.save()
-        return proc.pid
+        return record
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         """Return the last lines of a process's log, for error messages."""
-        path = self.directory / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        with contextlib.suppress(FileNotFoundError):
+            text = security.read_owned(self.directory / f"{name}.log", private=False)
+            return "\n".join(text.decode(errors="replace").splitlines()[-lines:])
+        return ""
 
     def stop(self, names: Sequence[str] | None = None) -> list[int]:
         """Stop processes (all by default) and everything they started, by PID.
 
-        SIGTERM to each recorded process, its process group and its descendants
-        (Flower starts its SuperExec in a session of its own), SIGKILL to those
-        left after STOP_GRACE seconds. Returns the PIDs that had to be killed.
+        SIGTERM to each recorded process that still is the one started, its
+        process group and its descendants (`_pin_trees`), SIGKILL to those left
+        after STOP_GRACE seconds. Returns the PIDs that had to be killed.
         """
-        chosen = [n for n in self.pids if names is None or n in names]
-        procs = _flower_trees({self.pids[n] for n in chosen})
-        for pid in procs:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline and any(map(_running, procs)):
-            time.sleep(0.2)
-        killed = [pid for pid in procs if _running(pid)]
-        for pid in killed:
-            _signal(pid, signal.SIGKILL)
-        for name in chosen:
-            del self.pids[name]
-        self.save()
-        return killed
-
-
-def _signal(pid: int, sig: int) -> None:
-    """Send `sig` to `pid`, which may have exited meanwhile."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _process_table() -> dict[int, tuple[int, int, str, bytes]]:
-    """Return {pid: (parent pid, process group, state, command line)} from /proc."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+        chosen = [n for n in self.processes if names is None or n in names]
+        procs = _pin_trees([self.processes[n] for n in chosen], self.boot_id)
         try:
-            state, ppid, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue  # the process ended while we looked
-        table[int(stat.parent.name)] = (int(ppid), int(pgid), state, cmdline)
-    return table
+            for proc in procs:
+                proc.send(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE
+            while time.monotonic() < deadline and any(p.running() for p in procs):
+                time.sleep(0.2)
+            killed = [p for p in procs if p.running()]
+            for proc in killed:
+                proc.send(signal.SIGKILL)
+        finally:
+            for proc in procs:
+                proc.close()
+        for name in chosen:
+            del self.processes[name]
+        self.save()
+        return [p.pid for p in killed]
 
+    def add_connection(self) -> None:
+        """Add (or replace) the deployment's connection in the Flower Configuration."""
+        if self.secure:
+            ca = str(security.tls_files(self.certs).ca_cert)
+            connection = SuperLinkConnection(
+                name=self.connection, address=self.address, root_certificates=ca
+            )
+        else:
+            connection = SuperLinkConnection(
+                name=self.connection, address=self.address, insecure=True
+            )
+        write_superlink_connection(connection)
 
-def _flower_trees(roots: set[int]) -> set[int]:
-    """Return the live processes of the groups led by `roots`, and their descendants.
+    def owns_connection(self, config: dict) -> bool:
+        """Whether the Flower Configuration `config` has this one's connection.
 
-    A group counts only while it still holds a Flower process: its leader may
-    have exited (a refused SuperNode) while a child lives on, and a recorded
-    PID may have been reused by another program since.
-    """
-    table = _process_table()
-    groups = {
-        root
-        for root in roots
-        if any(
-            pgid == root and (b"flower-" in cmd or b"flwr-" in cmd)
-            for _, pgid, _, cmd in table.values()
-        )
-    }
-    found = {pid for pid, (_, pgid, _, _) in table.items() if pgid in groups}
-    stack = list(found)
-    while stack:
-        parent = stack.pop()
-        children = {pid for pid, (ppid, _, _, _) in table.items() if ppid == parent}
-        stack.extend(children - found)
-        found |= children
-    return {pid for pid in found if table[pid][2] != "Z"}
+        That is, one of its name that leads to its SuperLink: a connection of
+        that name that the user pointed elsewhere is theirs.
+        """
+        connections = config.get(SuperLinkConnectionTomlKey.SUPERLINK, {})
+        entry = connections.get(self.connection)
+        address = SuperLinkConnectionTomlKey.ADDRESS
+        return isinstance(entry, dict) and entry.get(address) == self.address
 
-
-def _running(pid: int) -> bool:
-    """Whether `pid` runs: not gone, not a zombie (reaped here if our child)."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+    def remove_connection(self) -> bool:
+        """Remove the connection `add_connection` made; return whether it did."""
+        config, _ = _flower_config()
+        if not self.owns_connection(config):
             return False
+        del config[SuperLinkConnectionTomlKey.SUPERLINK][self.connection]
+        write_flower_config(config)
+        return True
+
+
+def _flower_config() -> tuple[dict, Path]:
+    """Return the user's Flower Configuration and its path.
+
+    Read as it is: Flower's own reader would create the file if it is missing.
+    """
+    path = get_flwr_home() / FLOWER_CONFIG_FILE
+    if not path.exists():
+        return {}, path
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+        return tomllib.loads(path.read_text()), path
+    except tomllib.TOMLDecodeError as ex:
+        raise ValueError(f"{path} is not valid TOML ({ex}): fix it first.") from None
+
+
+def check_connection(name: str, previous: Deployment | None) -> None:
+    """Refuse a connection name that is invalid, Flower's own or someone else's.
+
+    A name in the user's Flower Configuration is allowed only as the connection
+    the `previous` deployment of the same folder added, to its SuperLink.
+    """
+    if not CONNECTION_NAME.fullmatch(name):
+        raise ValueError(
+            f"--connection {name!r} is not allowed: expected letters, digits, "
+            "'-' and '_' (it names a table in Flower's config.toml)."
+        )
+    if name in RESERVED_CONNECTIONS:
+        raise ValueError(
+            f"--connection {name!r} is not allowed: Flower's configuration uses "
+            f"it itself (reserved: {', '.join(sorted(RESERVED_CONNECTIONS))})."
+        )
+    config, path = _flower_config()
+    taken = name in config.get(SuperLinkConnectionTomlKey.SUPERLINK, {})
+    own = (
+        previous is not None
+        and previous.connection == name
+        and previous.owns_connection(config)
+    )
+    if taken and not own:
+        raise ValueError(
+            f"--connection {name!r} is not allowed: {path} has a connection of "
+            "that name already, which this deployment would overwrite; choose "
+            "another name."
+        )
 
 
 def free_port() -> int:
@@ -208,7 +484,7 @@ def wait_for_port(deployment: Deployment, name: str, port: int, timeout: float) 
     """Wait until `port` accepts connections; fail early if process `name` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _running(deployment.pids[name]):
+        if not deployment.processes[name].running():
             raise RuntimeError(
                 f"{name} exited while starting; its log ends with:\n"
                 f"{deployment.log_tail(name)}"
@@ -275,20 +551,6 @@ def supernode_argv(
     return argv
 
 
-def add_connection(deployment: Deployment) -> None:
-    """Add (or replace) the deployment's connection in the Flower Configuration."""
-    if deployment.secure:
-        ca = str(security.tls_files(deployment.certs).ca_cert)
-        connection = SuperLinkConnection(
-            name=deployment.connection, address=deployment.address, root_certificates=ca
-        )
-    else:
-        connection = SuperLinkConnection(
-            name=deployment.connection, address=deployment.address, insecure=True
-        )
-    write_superlink_connection(connection)
-
-
 def register_supernode(deployment: Deployment, private_key: Path) -> int:
     """Register a SuperNode's public key with the SuperLink; return its node ID."""
     public_key = security.public_key_path(private_key)
@@ -320,26 +582,21 @@ def node_config(partition_id: int, num_partitions: int, data_path: str | None) -
     return config
 
 
-def start(
-    directory: Path,
-    num_supernodes: int,
-    *,
-    secure: bool = False,
-    data_paths: dict[int, str] | None = None,
-    connection: str = "local-deployment",
-    timeout: float = 60.0,
-) -> Deployment:
-    """Start a SuperLink and `num_supernodes` SuperNodes; add the connection.
-
-    SuperNode i gets ``partition-id=i num-partitions=num_supernodes`` and, if
-    `data_paths` has an entry for i, ``data-path``. If anything fails to start,
-    whatever was started is stopped before the error is raised.
-    """
-    if num_supernodes < 1:
+def _check_start_args(
+    num_supernodes: int, data_paths: dict[int, str], *, secure: bool, renew: bool
+) -> None:
+    """Refuse bad arguments of `start`, naming the value and what is allowed."""
+    if not 1 <= num_supernodes <= MAX_SUPERNODES:
         raise ValueError(
-            f"--supernodes = {num_supernodes} is not allowed: expected >= 1."
+            f"--supernodes = {num_supernodes} is not allowed: expected 1 to "
+            f"{MAX_SUPERNODES}. Every SuperNode runs on this machine and starts a "
+            "PyTorch process per message; for more organizations on one "
+            "machine, use the simulation (`flwr run .`)."
         )
-    data_paths = data_paths or {}
+    if renew and not secure:
+        raise ValueError(
+            "--renew is not allowed without --secure: it renews TLS files."
+        )
     for node, path in data_paths.items():
         if not 0 <= node < num_supernodes:
             raise ValueError(
@@ -353,44 +610,202 @@ def start(
                 f"--data-path {node}={path!r} is not allowed: Flower's node config "
                 "cannot carry a path with a single quote (')."
             )
-    directory.mkdir(parents=True, exist_ok=True)
-    if (directory / STATE_FILE).exists() and Deployment.load(directory).pids:
+
+
+def _recorded(directory: Path) -> Deployment | None:
+    """Return the deployment recorded in `directory` (checked), unless running.
+
+    Refuses one whose processes were not stopped: starting another would lose
+    their PIDs.
+    """
+    if not os.path.lexists(directory):
+        return None
+    security.check_owned(directory, private=False)
+    if not os.path.lexists(directory / STATE_FILE):
+        return None
+    previous = Deployment.load(directory)
+    if previous.processes:
         raise ValueError(
             f"--dir {str(directory)!r} holds a deployment that is still running: "
             "stop it first (`python -m flower_tutorial.deployment stop`)."
         )
-    deployment = Deployment(directory.resolve(), connection, free_port(), secure)
+    return previous
+
+
+def _check_reused_files(
+    directory: Path, num_supernodes: int, *, secure: bool, renew: bool
+) -> None:
+    """Refuse files of an earlier deployment here that are not safe to reuse.
+
+    Each must be this user's and not a link, key material private to them; the
+    TLS files of a secure restart must be fit for use (`_check_reused_tls`).
+    """
+    nodes = [f"supernode-{i}" for i in range(num_supernodes)]
+    tls = security.tls_files(directory / "certs")
+    keys = [directory / "keys" / node for node in nodes]
+    private = [directory / "certs", directory / "keys", tls.server_key, *keys]
+    public = [
+        directory / STATE_FILE,
+        directory / LOCK_FILE,
+        tls.ca_cert,
+        tls.server_cert,
+        *(security.public_key_path(key) for key in keys),
+        *(directory / f"{name}.log" for name in ["superlink", *nodes]),
+    ]
+    for paths, is_private in ((private, True), (public, False)):
+        for path in paths:
+            if os.path.lexists(path):
+                security.check_owned(path, private=is_private)
+    if secure and not renew:
+        _check_reused_tls(directory)
+
+
+def _check_reused_tls(directory: Path) -> None:
+    """Refuse the TLS files of an earlier start unless complete and not expiring.
+
+    A CA key in the SuperLink's folder (an earlier version left it there) is
+    refused too: whoever reads it can sign for the CA.
+    """
+    certs = directory / "certs"
+    legacy_ca_key = certs / "ca.key"
+    if os.path.lexists(legacy_ca_key):
+        raise ValueError(
+            f"{legacy_ca_key}: the CA's private key lies in the SuperLink's folder "
+            "(left by an earlier version of this tool). Start with --secure --renew "
+            "for a new CA whose key is not kept, or delete the file."
+        )
+    files = vars(security.tls_files(certs)).values()
+    present = [p for p in files if os.path.lexists(p)]
+    if present and len(present) < len(files):
+        raise ValueError(
+            f"{certs} holds only {', '.join(p.name for p in present)} of "
+            f"{', '.join(p.name for p in files)}: start with --secure --renew."
+        )
+    if present:
+        tls = security.tls_files(certs)
+        security.check_not_expiring(
+            [tls.ca_cert, tls.server_cert],
+            "renew it with `python -m flower_tutorial.deployment start --secure "
+            f"--renew --dir {directory}` (a new CA; the SuperNodes' keys stay).",
+        )
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold the deployment folder's lock: one `start` or `stop` at a time there."""
+    lock = security.open_nofollow(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
-        # A restart in the same folder keeps the CA (and keys) users already trust.
-        if secure and not security.tls_files(deployment.certs).ca_cert.exists():
-            security.make_tls_files(deployment.certs)
-        deployment.spawn("superlink", superlink_argv(deployment))
-        wait_for_port(deployment, "superlink", deployment.superlink_port, timeout)
-        add_connection(deployment)
-        ports: dict[str, int] = {}
-        # The SuperNodes share this machine's cores, as Ray's clients do in
-        # simulation: PyTorch's default of one thread per core in every ClientApp
-        # process oversubscribes them (measured: rounds 2.3x slower with 3 nodes).
-        threads = str(max(1, (os.cpu_count() or 1) // num_supernodes))
-        for i in range(num_supernodes):
-            key = None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"--dir {str(directory)!r} is in use by another start or stop (it "
+                f"holds the lock on {LOCK_FILE}): wait until that one ends."
+            ) from None
+        yield
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _prepare_tls(deployment: Deployment, *, renew: bool) -> None:
+    """Make the TLS files on a first start, or new ones to renew them.
+
+    The CA's key is not kept: it signs the SuperLink's certificate once, and
+    renewing makes a new CA (the connection and SuperNodes get its ca.crt).
+    """
+    if renew:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(deployment.certs / "ca.key")  # an earlier version's
+    if renew or not os.path.lexists(security.tls_files(deployment.certs).ca_cert):
+        security.make_tls_files(deployment.certs, replace=renew)
+
+
+def _supernode_key(deployment: Deployment, name: str) -> Path:
+    """Return SuperNode `name`'s private key; made on its first start."""
+    key = deployment.keys / name
+    if not os.path.lexists(key):
+        security.make_supernode_key(deployment.keys, name)
+    return key
+
+
+def _tear_down(deployment: Deployment) -> tuple[list[int], bool]:
+    """Stop every process of `deployment` and remove its connection.
+
+    Returns the PIDs that had to be killed, and whether the connection was removed.
+    """
+    killed = deployment.stop()
+    return killed, deployment.remove_connection()
+
+
+def start(
+    directory: Path,
+    num_supernodes: int,
+    *,
+    secure: bool = False,
+    renew: bool = False,
+    data_paths: dict[int, str] | None = None,
+    connection: str = "local-deployment",
+    timeout: float = 60.0,
+) -> Deployment:
+    """Start a SuperLink and `num_supernodes` SuperNodes; add the connection.
+
+    SuperNode i gets ``partition-id=i num-partitions=num_supernodes`` and, if
+    `data_paths` has an entry for i, ``data-path``. With `secure` and `renew`,
+    new TLS files replace those of an earlier start. Everything is checked
+    before anything is made; if anything fails to start, whatever was started
+    is stopped and the connection removed before the error is raised.
+    """
+    data_paths = data_paths or {}
+    _check_start_args(num_supernodes, data_paths, secure=secure, renew=renew)
+    check_connection(connection, _recorded(directory))
+    _check_reused_files(directory, num_supernodes, secure=secure, renew=renew)
+    security.owned_dir(directory, private=False)
+    with _locked(directory):
+        _recorded(directory)  # another start may have run since the check above
+        deployment = Deployment(directory.resolve(), connection, free_port(), secure)
+        try:
             if secure:
-                key = deployment.directory / "keys" / f"supernode-{i}"
-                if not key.exists():
-                    security.make_supernode_key(key.parent, key.name)
-                register_supernode(deployment, key)
-            config = node_config(i, num_supernodes, data_paths.get(i))
-            ports[f"supernode-{i}"] = port = free_port()
-            argv = supernode_argv(deployment, config, port, key)
-            deployment.spawn(f"supernode-{i}", argv, {"OMP_NUM_THREADS": threads})
-        # A SuperNode that cannot start (port taken, key refused) fails here, not
-        # later as a run waiting for nodes that never come.
-        for name, port in ports.items():
-            wait_for_port(deployment, name, port, timeout)
-    except BaseException:
-        deployment.stop()
-        raise
+                _prepare_tls(deployment, renew=renew)
+            deployment.spawn("superlink", superlink_argv(deployment))
+            wait_for_port(deployment, "superlink", deployment.superlink_port, timeout)
+            deployment.add_connection()
+            ports: dict[str, int] = {}
+            # The SuperNodes share this machine's cores, as Ray's clients do in
+            # simulation: PyTorch's default of one thread per core in every
+            # ClientApp process oversubscribes them (measured: rounds 2.3x slower
+            # with 3 nodes).
+            threads = str(max(1, (os.cpu_count() or 1) // num_supernodes))
+            for i in range(num_supernodes):
+                name = f"supernode-{i}"
+                key = None
+                if secure:
+                    key = _supernode_key(deployment, name)
+                    register_supernode(deployment, key)
+                config = node_config(i, num_supernodes, data_paths.get(i))
+                ports[name] = port = free_port()
+                argv = supernode_argv(deployment, config, port, key)
+                deployment.spawn(name, argv, {"OMP_NUM_THREADS": threads})
+            # A SuperNode that cannot start (port taken, key refused) fails here,
+            # not later as a run waiting for nodes that never come.
+            for name, port in ports.items():
+                wait_for_port(deployment, name, port, timeout)
+        except BaseException:
+            _tear_down(deployment)
+            raise
     return deployment
+
+
+def stop(directory: Path) -> tuple[Deployment, list[int], bool]:
+    """Stop the deployment recorded in `directory` and remove its connection.
+
+    Returns it, the PIDs that had to be killed, and whether its connection was
+    removed (not if the user changed it since).
+    """
+    Deployment.load(directory)  # a deployment's folder, before a lock file is made
+    with _locked(directory):
+        deployment = Deployment.load(directory)
+        killed, removed = _tear_down(deployment)
+    return deployment, killed, removed
 
 
 def _data_path_arg(text: str) -> tuple[int, str]:
@@ -410,8 +825,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     start_cmd = commands.add_parser("start", help="start a SuperLink and SuperNodes")
-    start_cmd.add_argument("--supernodes", type=int, default=10)
+    start_cmd.add_argument(
+        "--supernodes", type=int, default=10, help=f"1 to {MAX_SUPERNODES}"
+    )
     start_cmd.add_argument("--secure", action="store_true", help="TLS + node auth")
+    start_cmd.add_argument(
+        "--renew",
+        action="store_true",
+        help="with --secure: a new CA and SuperLink certificate (they expire)",
+    )
     start_cmd.add_argument(
         "--data-path",
         type=_data_path_arg,
@@ -419,7 +841,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         help="NODE=FOLDER: SuperNode NODE trains on its own folder (repeatable)",
     )
-    start_cmd.add_argument("--connection", default="local-deployment")
+    start_cmd.add_argument(
+        "--connection",
+        default="local-deployment",
+        help="the name `flwr` reaches it by; not one the Flower Configuration has",
+    )
     stop_cmd = commands.add_parser("stop", help="stop every process of a deployment")
     for cmd in (start_cmd, stop_cmd):
         cmd.add_argument("--dir", type=Path, default=Path("deployment"))
@@ -430,6 +856,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.dir,
                 args.supernodes,
                 secure=args.secure,
+                renew=args.renew,
                 data_paths=dict(args.data_path),
                 connection=args.connection,
             )
@@ -441,13 +868,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"--dir {args.dir}"
             )
         else:
-            deployment = Deployment.load(args.dir)
-            killed = deployment.stop()
+            deployment, killed, removed = stop(args.dir)
             note = f" ({len(killed)} had to be killed)" if killed else ""
-            print(f"Stopped the deployment in {deployment.directory}{note}.")
+            connection = (
+                f"removed connection {deployment.connection!r}"
+                if removed
+                else f"no connection {deployment.connection!r} to its SuperLink "
+                "was left to remove"
+            )
+            print(
+                f"Stopped the deployment in {deployment.directory}{note}; {connection}."
+            )
     except ValueError as ex:
         parser.exit(2, f"error: {ex}\n")
-    except (RuntimeError, ClickException) as ex:  # a process failed to start
+    except (RuntimeError, ClickException, OSError) as ex:  # a process failed to start
         parser.exit(1, f"error: {ex}\n")
 
 
