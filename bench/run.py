@@ -272,12 +272,23 @@ def floor(spec: dict[str, Any], started: float) -> dict[str, Any]:
 
 
 def federation_spec(
-    kind: str, args: argparse.Namespace, clients: int, cpus: int = 1
+    kind: str,
+    args: argparse.Namespace,
+    clients: int,
+    *,
+    rounds: int | None = None,
+    cpus: int = 1,
+    cache: str = "warm",
 ) -> dict[str, Any]:
-    """Describe a federation to measure; with many clients, ~10 train per round."""
+    """Describe a federation to measure; with many clients, ~10 train per round.
+
+    `cache` (the app only): "warm", the bench's data cache, filled by an earlier
+    measurement; "cold", an empty one; "off", no cache (the pipeline before it).
+    """
     fraction = 1.0 if clients <= 10 else 10 / clients
     fit_clients = max(int(clients * fraction), 2)
-    rounds = args.rounds if clients <= 10 else args.scale_rounds
+    if rounds is None:
+        rounds = args.rounds if clients <= 10 else args.scale_rounds
     run_config = {
         "dataset": args.dataset,
         "num-server-rounds": rounds,
@@ -287,15 +298,63 @@ def federation_spec(
         "min-evaluate-clients": max(1, min(clients, fit_clients) // 2),
         "min-available-clients": clients,
     }
+    if kind == "app":
+        cache_dir = args.cache_dir / (
+            "warm" if cache == "warm" else f"{cache}-{clients}"
+        )
+        run_config |= {"data-cache": cache != "off", "data-cache-dir": str(cache_dir)}
+    name = f"{kind}-{clients}-r{rounds}-cpu{cpus}" + (
+        f"-{cache}" if kind == "app" else ""
+    )
     return {
-        "name": f"{kind}-{clients}-cpu{cpus}",
+        "name": name,
         "kind": kind,
         "cpus": cpus,
+        "cache": cache if kind == "app" else None,
         "dataset": args.dataset,
         "clients": clients,
         "rounds": rounds,
         "fit_clients": fit_clients,
         "run_config": run_config,
+    }
+
+
+def deploy(spec: dict[str, Any], started: float) -> dict[str, Any]:
+    """Run the app through the Deployment Engine on loopback; time each round.
+
+    A local SuperLink and SuperNodes (flower_tutorial.deployment), `flwr run`
+    against them, the round times from the run's history.json. The run uses the
+    bench's warm data cache, as the same federation's simulation left it.
+    """
+    from flower_tutorial.deployment import local
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FLWR_HOME"] = str(Path(tmp) / "flwr-home")
+        out = Path(tmp) / "outputs"
+        run_config = spec["run_config"] | {"output-dir": str(out)}
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        deployment = local.start(Path(tmp) / "deployment", spec["clients"])
+        try:
+            done = subprocess.run(
+                [local._bin("flwr"), "run", str(ROOT), deployment.connection]
+                + ["--stream", "--run-config", overrides],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+        finally:
+            local.stop(deployment.directory)
+        (run_dir,) = out.iterdir()
+        history = json.loads((run_dir / "history.json").read_text())
+    rounds = [r["seconds"] for r in history["rounds"] if r["round"] > 0]
+    if len(rounds) != spec["rounds"]:
+        raise RuntimeError(f"the deployment run failed:\n{done.stdout[-3000:]}")
+    return {
+        "server_seconds": sum(rounds),
+        "round_seconds": rounds,
+        "accuracy": history["rounds"][-1]["distributed_accuracy"],
+        "test_accuracy": history["rounds"][-1]["centralized_accuracy"],
+        "samples_per_second": 0.0,
     }
 
 
@@ -305,10 +364,8 @@ def main() -> None:
         spec, started = json.loads(sys.argv[2]), float(sys.argv[3])
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        result = (
-            floor(spec, started) if spec["kind"] == "floor" else simulate(spec, started)
-        )
-        print(RESULT + json.dumps(result), flush=True)
+        worker = {"floor": floor, "deployment": deploy}.get(spec["kind"], simulate)
+        print(RESULT + json.dumps(worker(spec, started)), flush=True)
         return
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -317,28 +374,55 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--short-rounds", type=int, default=2)
     parser.add_argument("--scale", type=int, nargs="*", default=[100, 1000])
     parser.add_argument("--scale-rounds", type=int, default=3)
+    parser.add_argument("--deployment-nodes", type=int, default=3)
     args = parser.parse_args()
     args.dataset = str(Path(args.dataset).resolve())
     if sys.platform == "linux":  # adopt orphaned Ray processes, to stop them by PID
         ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
 
-    app = federation_spec("app", args, args.clients)
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
+        args.cache_dir = Path(cache_dir)
+        results = _measure_all(args)
+    for result in _all_results(results):
+        result.get("spec", {}).pop("dataset", None)
+        run_config = result.get("spec", {}).get("run_config", {})
+        for key in ("dataset", "data-cache-dir"):
+            run_config.pop(key, None)
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
+    from report import write_report
+
+    write_report(results, ROOT)
+
+
+def _measure_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, in an order that fills the data cache before "warm"."""
+    n, short = args.clients, args.short_rounds
+
+    def spec(kind: str, **kwargs: Any) -> dict[str, Any]:
+        return federation_spec(kind, args, kwargs.pop("clients", n), **kwargs)
+
     # Client resources: 1 CPU is the tutorial's own backend_config; 2 is Flower
     # 1.42's default for `flwr run` (on 2 cores: one client at a time).
-    results = {
+    results: dict[str, Any] = {
         # The data's path is this machine's business, not the report's.
         "command": "python bench/run.py --dataset /abs/path/to/cifar10 "
         + " ".join(sys.argv[sys.argv.index("--dataset") + 2 :]),
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-        "tutorial": measure(federation_spec("tutorial", args, args.clients), 1800),
-        "app": measure(app, 1800),
-        "tutorial_cpu2": measure(
-            federation_spec("tutorial", args, args.clients, cpus=2), 1800
-        ),
-        "app_cpu2": measure(federation_spec("app", args, args.clients, cpus=2), 1800),
+        "app_cold": measure(spec("app", cache="cold"), 1800),
+        "app_off": measure(spec("app", cache="off"), 1800),
     }
+    # The warm cache is filled once; every "warm" measurement then finds it full.
+    measure(spec("app", rounds=1), 1800)
+    for cpus in (1, 2):
+        suffix = "" if cpus == 1 else "_cpu2"
+        for rounds, label in ((args.rounds, ""), (short, "_short")):
+            for kind in ("tutorial", "app"):
+                results[f"{kind}{label}{suffix}"] = measure(
+                    spec(kind, rounds=rounds, cpus=cpus), 1800
+                )
     samples = results["app"]["train_samples"]
     results["floor"] = measure(
         {
@@ -350,16 +434,23 @@ def main() -> None:
         1800,
     )
     results["scale"] = [results["app"]] + [
-        measure(federation_spec("app", args, n), 3600) for n in args.scale
+        measure(spec("app", clients=c, cache="cold"), 3600) for c in args.scale
     ]
-    singles = ("tutorial", "app", "tutorial_cpu2", "app_cpu2", "floor")
-    for result in [results[k] for k in singles] + results["scale"]:
-        result.get("spec", {}).pop("dataset", None)
-        result.get("spec", {}).get("run_config", {}).pop("dataset", None)
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
-    from report import write_report
+    nodes = args.deployment_nodes
+    results["simulation_nodes"] = measure(
+        spec("app", clients=nodes, rounds=short), 1800
+    )
+    results["deployment_nodes"] = measure(
+        spec("deployment", clients=nodes, rounds=short)
+        | {"run_config": spec("app", clients=nodes, rounds=short)["run_config"]},
+        1800,
+    )
+    return results
 
-    write_report(results, ROOT)
+
+def _all_results(results: dict[str, Any]) -> list[dict[str, Any]]:
+    singles = [v for v in results.values() if isinstance(v, dict) and "spec" in v]
+    return singles + results["scale"]
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ class DataSettings:
     shards_per_partition: int
     batch_size: int
     seed: int
+    cache: bool = True
+    cache_dir: str = ""  # "": the user's cache folder
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> DataSettings:
@@ -146,6 +148,8 @@ class DataSettings:
             shards_per_partition=_int(run_config, "shards-per-partition", 1, src),
             batch_size=_int(run_config, "batch-size", 1, src),
             seed=_int(run_config, "seed", 0, src),
+            cache=_bool(run_config, "data-cache", src),
+            cache_dir=_str(run_config, "data-cache-dir", src, empty_allowed=True),
         )
 
 

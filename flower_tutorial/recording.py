@@ -15,7 +15,12 @@ from flwr.common import Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.logger import log
 
 from flower_tutorial.config import DataSettings
-from flower_tutorial.data import IMAGE_KEY, LABEL_KEY, class_names, loaded_partitioner
+from flower_tutorial.data import (
+    IMAGE_KEY,
+    LABEL_KEY,
+    decoded_test_split,
+    label_counts,
+)
 from flower_tutorial.outputs import save_model, write_json
 from flower_tutorial.plots import plot_batch, plot_curves, plot_label_distribution
 from flower_tutorial.task import Net, load_data, set_parameters, set_seed
@@ -165,15 +170,13 @@ class RunRecorder:
             )
             return
         try:
-            names = class_names(self.data)
-            partitioner = loaded_partitioner(self.data, self.num_partitions)
+            names = decoded_test_split(self.data, "cpu").class_names
+            counts = label_counts(self.data, self.num_partitions)
             trainloader = load_data(0, self.num_partitions, self.data)[0]
         except (OSError, ValueError) as err:
             log(WARNING, "Data plots skipped, the server cannot load the data: %s", err)
             return
-        plot_label_distribution(
-            partitioner, LABEL_KEY, self.run_dir / "label_distribution.png"
-        )
+        plot_label_distribution(counts, names, self.run_dir / "label_distribution.png")
         # The tutorial's picture: a training batch of partition 0, with classes.
         set_seed(self.data.seed)
         batch = next(iter(trainloader))

@@ -20,13 +20,16 @@ from flwr.common import Message
 from flwr.common.logger import log
 from flwr.server import Grid
 
+# How often a wait for replies asks the SuperLink (at most).
+POLL_SECONDS = 0.25
+
 
 class RunStoppedError(RuntimeError):
     """The run was stopped (Ctrl-C, or the simulation ended) while it waited."""
 
 
 class StoppableGrid:
-    """A Grid whose wait for replies ends as soon as the run is stopped.
+    """A Grid whose wait for replies ends as soon as the replies or a stop come.
 
     Flower's client proxies wait for each reply without a timeout (the message's
     TTL, `round-timeout`, ends it). Once a run is stopped (Ctrl-C in
@@ -37,8 +40,10 @@ class StoppableGrid:
     def __init__(self, grid: Grid, stopped: threading.Event) -> None:
         self._grid = grid
         self._stopped = stopped
-        # As often as the wrapped Grid polls: 0.1 s in memory, 3 s over HTTP.
-        self._interval = float(getattr(grid, "pull_interval", 3.0))
+        # Flower's grid polls every 0.1 s in memory, but every 3 s over HTTP
+        # (`flwr run`, deployments): every wait for replies would then end up to
+        # 3 s after the last reply came. A local SuperLink answers a pull in ms.
+        self._interval = min(float(getattr(grid, "pull_interval", 3.0)), POLL_SECONDS)
 
     def __getattr__(self, name: str) -> Any:
         """Everything else is the wrapped Grid's."""

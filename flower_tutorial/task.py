@@ -44,10 +44,10 @@ def load_data(
     The partition is split 80/20 into training and validation data with the run's
     seed (the tutorial's 42 by default), so every client holds its own validation set.
     """
-    splits = decoded_partition(
+    decoded = decoded_partition(
         partition_id, num_partitions, data, str(device or torch.device("cpu"))
     )
-    return _loaders(splits, data.batch_size)
+    return _loaders(decoded.splits, data.batch_size)
 
 
 def load_local_data(
@@ -58,16 +58,16 @@ def load_local_data(
     The folder holds a train split in the CIFAR-10 schema and, optionally, a
     validation split; without one, the train split is split 80/20 with the seed.
     """
-    splits = decoded_folder(data_path, data.seed, str(device or torch.device("cpu")))
-    return _loaders(splits, data.batch_size)
+    decoded = decoded_folder(data_path, data, str(device or torch.device("cpu")))
+    return _loaders(decoded.splits, data.batch_size)
 
 
 def load_test_data(
     data: DataSettings, device: torch.device | None = None
 ) -> TensorLoader:
     """Load the whole test split (10,000 images for CIFAR-10), decoded once."""
-    images, labels = decoded_test_split(data, str(device or torch.device("cpu")))
-    return TensorLoader(images, labels, data.batch_size)
+    decoded = decoded_test_split(data, str(device or torch.device("cpu")))
+    return TensorLoader(*decoded.splits["test"], data.batch_size)
 
 
 def _loaders(

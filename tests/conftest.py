@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# Set before `datasets` is imported anywhere: no hub, and a cache of our own so
-# tests neither reach the network nor read or fill the user's cache.
+# Set before `datasets` is imported anywhere: no hub, and caches of our own (the
+# Hugging Face one, and the app's data cache under XDG_CACHE_HOME) so that tests
+# neither reach the network nor read or fill the user's caches.
 _HF_HOME = tempfile.mkdtemp(prefix="flower-tutorial-hf-")
 os.environ["HF_HOME"] = _HF_HOME
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HF_HOME, "xdg-cache")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 

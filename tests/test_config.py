@@ -74,6 +74,8 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
         ("trim-fraction", 0.5, r"a number in \(0, 0.49\]"),
         ("trim-fraction", 0, r"a number in \(0, 0.49\]"),
         ("krum-byzantine", -1, "an integer >= 0"),
+        ("data-cache", "yes", "true or false"),
+        ("data-cache-dir", 5, "a string"),
     ],
 )
 def test_bad_run_config_values_are_named(key, value, allowed):

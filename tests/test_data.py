@@ -171,7 +171,7 @@ def test_a_partition_is_decoded_once_per_process_not_per_round(cifar_dir, monkey
     monkeypatch.setattr(
         pipeline, "decode", lambda split: calls.append(1) or real_decode(split)
     )
-    data = data_settings(cifar_dir)
+    data = data_settings(cifar_dir, **{"data-cache": False})
     for _ in range(3):  # three rounds of the same client
         trainloader, _ = load_data(2, NUM_PARTITIONS, data)
         sum(len(b["label"]) for b in trainloader)

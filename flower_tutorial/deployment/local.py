@@ -54,6 +54,9 @@ from flower_tutorial.deployment import security
 STATE_FILE = "deployment.json"
 LOCK_FILE = "deployment.lock"
 LOOPBACK = "127.0.0.1"
+# A SuperNode's SuperExec asks it for new ClientApp tasks every second by
+# default: up to a second lost per message, twice a round.
+FAST_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 # Seconds a process gets to exit on SIGTERM before it is killed.
 STOP_GRACE = 10.0
 # A bound, not a measured limit: every SuperNode is a process on this one machine
@@ -784,7 +787,7 @@ def start(
                 config = node_config(i, num_supernodes, data_paths.get(i))
                 ports[name] = port = free_port()
                 argv = supernode_argv(deployment, config, port, key)
-                deployment.spawn(name, argv, {"OMP_NUM_THREADS": threads})
+                deployment.spawn(name, argv, {"OMP_NUM_THREADS": threads} | FAST_POLL)
             # A SuperNode that cannot start (port taken, key refused) fails here,
             # not later as a run waiting for nodes that never come.
             for name, port in ports.items():

@@ -1,0 +1,260 @@
+"""The on-disk data cache: hits, misses by every part of the key, races, damage."""
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import APP_DIR, data_settings, make_split, write_hub_layout
+
+from flower_tutorial import data as pipeline
+from flower_tutorial.cache import Decoded, DecodedCache
+from flower_tutorial.task import load_data, load_local_data, load_test_data
+
+NUM_PARTITIONS = 4
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[int]:
+    """Count the decodes (each split decoded is one), starting from a cold process."""
+    pipeline.decoded_partition.cache_clear()
+    pipeline.decoded_folder.cache_clear()
+    pipeline.decoded_test_split.cache_clear()
+    calls: list[int] = []
+    real = pipeline.decode
+    monkeypatch.setattr(
+        pipeline, "decode", lambda split: calls.append(1) or real(split)
+    )
+    return calls
+
+
+def _fresh_process() -> None:
+    """Forget what this process decoded, as a new ClientApp process would."""
+    pipeline.decoded_partition.cache_clear()
+    pipeline.decoded_folder.cache_clear()
+    pipeline.decoded_test_split.cache_clear()
+
+
+def _tensors(loaders) -> list[torch.Tensor]:
+    return [t for loader in loaders for t in loader.dataset.tensors]
+
+
+def test_a_hit_returns_exactly_what_decoding_returns(cifar_dir, tmp_path, decodes):
+    cached = data_settings(cifar_dir, **{"data-cache-dir": str(tmp_path)})
+    first = _tensors(load_data(1, NUM_PARTITIONS, cached))
+    assert len(decodes) == 2  # a miss: train and validation split decoded
+    _fresh_process()
+    again = _tensors(load_data(1, NUM_PARTITIONS, cached))
+    assert len(decodes) == 2  # a hit: nothing decoded
+    _fresh_process()
+    uncached = data_settings(cifar_dir, **{"data-cache": False})
+    reference = _tensors(load_data(1, NUM_PARTITIONS, uncached))
+    for a, b, c in zip(first, again, reference, strict=True):
+        assert a.dtype == b.dtype == c.dtype
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize(
+    ("change", "misses"),
+    [
+        ({}, False),
+        ({"seed": 7}, True),
+        ({"partitioner": "dirichlet"}, True),
+        ({"dirichlet-alpha": 0.9}, False),  # not a parameter of the IID partitioner
+        ({"batch-size": 8}, False),  # batching does not change the bytes
+    ],
+    ids=["same", "seed", "partitioner", "unused-alpha", "batch-size"],
+)
+def test_the_key_covers_what_changes_the_bytes(
+    cifar_dir, tmp_path, decodes, change, misses
+):
+    settings = {"data-cache-dir": str(tmp_path)}
+    load_data(0, NUM_PARTITIONS, data_settings(cifar_dir, **settings))
+    _fresh_process()
+    load_data(0, NUM_PARTITIONS, data_settings(cifar_dir, **settings | change))
+    assert len(decodes) == (4 if misses else 2)
+
+
+def test_partition_number_and_count_and_partitioner_parameters_miss(
+    cifar_dir, tmp_path, decodes
+):
+    cached = data_settings(cifar_dir, **{"data-cache-dir": str(tmp_path)})
+    load_data(0, NUM_PARTITIONS, cached)
+    for pid, count in ((1, NUM_PARTITIONS), (0, NUM_PARTITIONS + 1)):
+        _fresh_process()
+        load_data(pid, count, cached)
+    dirichlet = {"partitioner": "dirichlet", "dirichlet-alpha": 0.5}
+    for alpha in (0.5, 2.0):
+        _fresh_process()
+        load_data(
+            0,
+            2,
+            data_settings(
+                cifar_dir,
+                **{
+                    **dirichlet,
+                    "dirichlet-alpha": alpha,
+                    "data-cache-dir": str(tmp_path),
+                },
+            ),
+        )
+    assert len(decodes) == 2 * 5  # every one of them a miss
+    entries = [
+        p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ]
+    assert len(entries) == 5
+
+
+def test_changed_dataset_files_miss(tmp_path, decodes):
+    root = write_hub_layout(
+        tmp_path / "cifar", {"train": make_split(40, 0), "test": make_split(20, 1)}
+    )
+    cached = data_settings(root, **{"data-cache-dir": str(tmp_path / "cache")})
+    load_test_data(cached)
+    _fresh_process()
+    load_test_data(cached)
+    assert len(decodes) == 1
+    make_split(20, 2).to_parquet(
+        str(root / "plain_text" / "test-00000-of-00001.parquet")
+    )
+    _fresh_process()
+    changed = load_test_data(cached)
+    assert len(decodes) == 2
+    assert len(changed.dataset) == 20
+
+
+def test_a_nodes_own_folder_is_cached_too(tmp_path, cifar_dir, decodes):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_split(30, 3).to_parquet(str(site / "train-00000-of-00001.parquet"))
+    cached = data_settings(cifar_dir, **{"data-cache-dir": str(tmp_path / "cache")})
+    first = _tensors(load_local_data(str(site), cached))
+    _fresh_process()
+    again = _tensors(load_local_data(str(site), cached))
+    assert len(decodes) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def _entry(cache_dir: Path) -> Path:
+    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
+    return entry
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_a_damaged_entry_is_rebuilt_never_used(
+    cifar_dir, tmp_path, decodes, damage, caplog
+):
+    cached = data_settings(cifar_dir, **{"data-cache-dir": str(tmp_path)})
+    good = _tensors(load_data(2, NUM_PARTITIONS, cached))
+    entry = _entry(tmp_path)
+    images = entry / "train.images.npy"
+    if damage == "truncate":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif damage == "flip":
+        raw = bytearray(images.read_bytes())
+        raw[-1] ^= 0xFF
+        images.write_bytes(bytes(raw))
+    else:
+        (entry / "manifest.json").write_text("{not json")
+    _fresh_process()
+    rebuilt = _tensors(load_data(2, NUM_PARTITIONS, cached))
+    assert len(decodes) == 4  # decoded again
+    assert "is damaged" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(good, rebuilt, strict=True))
+    _fresh_process()
+    load_data(2, NUM_PARTITIONS, cached)
+    assert len(decodes) == 4  # and the rebuilt entry is whole
+
+
+def test_with_the_cache_off_nothing_is_written(cifar_dir, tmp_path, decodes):
+    off = data_settings(
+        cifar_dir, **{"data-cache": False, "data-cache-dir": str(tmp_path)}
+    )
+    load_data(0, NUM_PARTITIONS, off)
+    _fresh_process()
+    load_data(0, NUM_PARTITIONS, off)
+    assert len(decodes) == 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(
+    cifar_dir, tmp_path, decodes, caplog
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cached = data_settings(cifar_dir, **{"data-cache-dir": str(blocker / "cache")})
+    trainloader, _ = load_data(0, NUM_PARTITIONS, cached)
+    assert len(trainloader.dataset) > 0
+    assert "Cannot write the data cache" in caplog.text
+    assert "the run goes on without it" in caplog.text
+
+
+def _build_slowly(marker_dir: str, key: dict, root: str, out) -> None:
+    def build():
+        # Leave a mark per build, and take long enough for the other to arrive.
+        (Path(marker_dir) / str(os.getpid())).touch()
+        time.sleep(1.0)
+        images = torch.arange(12, dtype=torch.uint8)
+        return Decoded({"s": (images, torch.arange(3))}, ["a", "b"])
+
+    decoded = DecodedCache(Path(root)).get(key, build)
+    out.put(decoded.splits["s"][0].tolist() + decoded.class_names)
+
+
+def test_two_processes_building_one_entry_build_it_once(tmp_path):
+    markers = tmp_path / "builds"
+    markers.mkdir()
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    key = {"what": "race"}
+    procs = [
+        context.Process(
+            target=_build_slowly, args=(str(markers), key, str(tmp_path / "c"), out)
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert len(list(markers.iterdir())) == 1  # one built it; the other waited
+    assert results[0] == results[1] == [*range(12), "a", "b"]
+
+
+def test_a_client_on_a_warm_cache_imports_no_datasets_and_no_plots(cifar_dir, tmp_path):
+    cached = data_settings(cifar_dir, **{"data-cache-dir": str(tmp_path)})
+    load_data(1, NUM_PARTITIONS, cached)  # warm the cache
+    run_config = json.dumps(
+        {"dataset": str(cifar_dir), "data-cache-dir": str(tmp_path), "batch-size": 16}
+    )
+    code = f"""
+import json, sys
+from flwr.common import Context, RecordDict
+from flower_tutorial.client_app import client_fn
+from flower_tutorial.config import app_run_config
+from flower_tutorial.task import Net, get_parameters
+context = Context(run_id=1, node_id=1, state=RecordDict(),
+                  node_config={{"partition-id": 1, "num-partitions": {NUM_PARTITIONS}}},
+                  run_config=app_run_config(json.loads({run_config!r})))
+client = client_fn(context).numpy_client
+client.fit(get_parameters(Net()), {{"server-round": 1}})
+client.evaluate(get_parameters(Net()), {{}})
+heavy = ("datasets", "flwr_datasets", "matplotlib", "pandas")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=APP_DIR,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
