@@ -172,10 +172,16 @@ def simulate(spec: dict[str, Any], started: float) -> dict[str, Any]:
     Server.evaluate_round = evaluate_round
     backend = {"client_resources": {"num_cpus": spec["cpus"], "num_gpus": 0.0}}
     clients, rounds = spec["clients"], spec["rounds"]
-    if spec["kind"] == "tutorial":
-        from tutorial_pipeline import make_apps  # bench/ is the script's folder
+    if spec["kind"] in ("tutorial", "flower"):
+        # bench/ is the script's folder
+        if spec["kind"] == "tutorial":
+            from tutorial_pipeline import make_apps
 
-        server_fn, client_app = make_apps(spec["dataset"], clients, rounds)
+            server_fn, client_app = make_apps(spec["dataset"], clients, rounds)
+        else:
+            from flower_floor import make_apps
+
+            server_fn, client_app = make_apps(clients, rounds)
         run_simulation(
             server_app=ServerApp(server_fn=server_fn),
             client_app=client_app,
@@ -204,9 +210,19 @@ def simulate(spec: dict[str, Any], started: float) -> dict[str, Any]:
         "train_samples": samples,
         "samples_per_second": samples / timings["server_seconds"],
         "fit_samples_per_second": samples / sum(timings["fit_seconds"]),
-        "accuracy": history.metrics_distributed["accuracy"][-1][1],
-        "accuracy_per_round": [a for _, a in history.metrics_distributed["accuracy"]],
-        "test_accuracy": _test_accuracy(timings["parameters"], spec["dataset"]),
+        **_accuracies(history, timings["parameters"], spec),
+    }
+
+
+def _accuracies(history: Any, parameters: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Federated accuracy per round and the final model's test accuracy."""
+    if spec["kind"] == "flower":  # its clients train nothing
+        return {}
+    accuracy = [a for _, a in history.metrics_distributed["accuracy"]]
+    return {
+        "accuracy": accuracy[-1],
+        "accuracy_per_round": accuracy,
+        "test_accuracy": _test_accuracy(parameters, spec["dataset"]),
     }
 
 
@@ -423,6 +439,7 @@ def _measure_all(args: argparse.Namespace) -> dict[str, Any]:
                 results[f"{kind}{label}{suffix}"] = measure(
                     spec(kind, rounds=rounds, cpus=cpus), 1800
                 )
+    results["flower"] = measure(spec("flower"), 1800)
     samples = results["app"]["train_samples"]
     results["floor"] = measure(
         {
