@@ -59,7 +59,8 @@ class FlowerClient(NumPyClient):
         """Train the received model on the local training data.
 
         Returns the number of training *examples* (not batches, as the tutorial
-        does), so that FedAvg weighs each client by how much data it holds.
+        does), so that FedAvg weighs each client by how much data it holds. Under
+        FedProx, the server's `proximal_mu` adds its proximal term to the loss.
         """
         set_parameters(self.net, parameters)
         # Same (seed, partition, round) -> same shuffling, whichever worker runs it.
@@ -70,6 +71,7 @@ class FlowerClient(NumPyClient):
             epochs=self.settings.local_epochs,
             learning_rate=self.settings.learning_rate,
             device=self.device,
+            proximal_mu=float(config.get("proximal_mu", 0.0)),
         )
         num_examples = len(self.trainloader.dataset)
         return get_parameters(self.net), num_examples, {"train_loss": train_loss}

@@ -61,16 +61,23 @@ def _float(
     *,
     upper: float = math.inf,
     zero_allowed: bool = False,
+    upper_open: bool = False,
 ) -> float:
-    """Read a finite float in (0, upper], or [0, upper]; TOML integers count too."""
+    """Read a finite float in (0, upper] or [0, upper] (upper excluded if open).
+
+    TOML integers count too.
+    """
     value = _get(config, key, source)
     number = isinstance(value, int | float) and not isinstance(value, bool)
     above_low = number and (value >= 0 if zero_allowed else value > 0)
-    if not above_low or not math.isfinite(value) or value > upper:
+    below_high = number and (value < upper if upper_open else value <= upper)
+    if not above_low or not math.isfinite(value) or not below_high:
         if math.isinf(upper):
             allowed = "a number >= 0" if zero_allowed else "a number > 0"
         else:
-            allowed = f"a number in {'[' if zero_allowed else '('}0, {upper}]"
+            low = "[" if zero_allowed else "("
+            high = ")" if upper_open else "]"
+            allowed = f"a number in {low}0, {upper}{high}"
         raise ValueError(
             f"{source} key '{key}' = {value!r} is not allowed: expected {allowed}."
         )
@@ -112,6 +119,7 @@ def _choice(
 
 PARTITIONERS = ("iid", "dirichlet", "shards")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 
 # Node-config keys; clients also echo them in their metrics, so that the server
 # knows which partition a result came from.
@@ -154,6 +162,50 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class StrategySettings:
+    """Which of Flower's strategies runs the rounds, with its own parameters.
+
+    Each applies to the strategies that have it, under Flower's name for it:
+    `proximal_mu` (FedProx), `server_learning_rate` (FedAvgM; FedAdam, FedYogi and
+    FedAdagrad call it eta), `server_momentum` (FedAvgM), `beta_1`, `beta_2`
+    (FedAdam, FedYogi) and `tau` (FedAdam, FedYogi, FedAdagrad).
+    """
+
+    name: str
+    proximal_mu: float
+    server_learning_rate: float
+    server_momentum: float
+    beta_1: float
+    beta_2: float
+    tau: float
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> StrategySettings:
+        """Read and check the strategy keys of ``context.run_config``."""
+        src = "run config"
+        return cls(
+            name=_choice(run_config, "strategy", STRATEGIES, src),
+            proximal_mu=_float(run_config, "proximal-mu", src, zero_allowed=True),
+            server_learning_rate=_float(run_config, "server-learning-rate", src),
+            server_momentum=_float(
+                run_config,
+                "server-momentum",
+                src,
+                upper=1.0,
+                zero_allowed=True,
+                upper_open=True,
+            ),
+            beta_1=_float(
+                run_config, "beta-1", src, upper=1.0, zero_allowed=True, upper_open=True
+            ),
+            beta_2=_float(
+                run_config, "beta-2", src, upper=1.0, zero_allowed=True, upper_open=True
+            ),
+            tau=_float(run_config, "tau", src),
+        )
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Every run-config key of the app, typed and range-checked."""
 
@@ -175,6 +227,7 @@ class RunSettings:
     aggregation: str
     trim_fraction: float
     krum_byzantine: int
+    strategy: StrategySettings
 
     @property
     def seed(self) -> int:
@@ -208,6 +261,7 @@ class RunSettings:
             aggregation=_choice(run_config, "aggregation", AGGREGATIONS, src),
             trim_fraction=_float(run_config, "trim-fraction", src, upper=0.49),
             krum_byzantine=_int(run_config, "krum-byzantine", 0, src),
+            strategy=StrategySettings.from_run_config(run_config),
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.common import Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.logger import log
@@ -25,6 +25,18 @@ from flower_tutorial.outputs import save_model, write_json
 from flower_tutorial.plots import plot_batch, plot_curves, plot_label_distribution
 from flower_tutorial.task import Net, load_data, set_parameters, set_seed
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+# history.json's per-round numbers, and their TensorBoard tags.
+TENSORBOARD_TAGS = {
+    "train_loss": "loss/training",
+    "distributed_loss": "loss/federated",
+    "centralized_loss": "loss/centralized",
+    "distributed_accuracy": "accuracy/federated",
+    "centralized_accuracy": "accuracy/centralized",
+    "seconds": "time/round seconds",
+}
 # More partitions than this make the label plot unreadable, and slow to draw.
 MAX_PLOTTED_PARTITIONS = 1000
 
@@ -55,6 +67,7 @@ class RunRecorder:
         self.num_partitions: int | None = None
         self.nodes_left_out: list[str] = []
         self.finished = False  # True once the last round is recorded
+        self._tensorboard: SummaryWriter | None = None
         self._round_started: dict[int, float] = {}
         self._run_started = time.monotonic()
 
@@ -87,6 +100,7 @@ class RunRecorder:
         started = self._round_started[server_round]
         entry["seconds"] = round(time.monotonic() - started, 3)
         log(INFO, "%s", progress_line(entry, self.num_rounds))
+        self._write_scalars(entry)
         accuracy = entry.get("centralized_accuracy", entry.get("distributed_accuracy"))
         # Round 0 counts: when fine-tuning, the checkpoint may stay the best model.
         improved = accuracy is not None and (
@@ -98,6 +112,28 @@ class RunRecorder:
         if server_round == self.num_rounds:
             self._finish(parameters)
         self.write_history()
+
+    def _write_scalars(self, entry: dict[str, Any]) -> None:
+        """Write the round's numbers as TensorBoard scalars, into the run's folder.
+
+        `tensorboard --logdir <output-dir>` then shows every run side by side.
+        """
+        if self._tensorboard is None:  # imported only by a run that records one
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(self.run_dir))
+        step = entry["round"]
+        for key, tag in TENSORBOARD_TAGS.items():
+            if entry.get(key) is not None:
+                self._tensorboard.add_scalar(tag, entry[key], step)
+        for per_organization, name in (
+            ("fit_train_loss", "training loss"),
+            ("fit_examples", "examples"),
+        ):
+            for organization, value in entry.get(per_organization, {}).items():
+                tag = f"organization {organization}/{name}"
+                self._tensorboard.add_scalar(tag, value, step)
+        self._tensorboard.flush()
 
     def write_history(self) -> None:
         """Write history.json (atomically) with every round so far."""
@@ -122,6 +158,8 @@ class RunRecorder:
             )
         self._plot_metrics()
         self._plot_data()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         self.finished = True
         log(INFO, "Run outputs (history.json, models, plots): %s", self.run_dir)
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from flwr.common import Context, Metrics, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 
 from flower_tutorial.client_manager import SeededClientManager
-from flower_tutorial.config import DataSettings, RunSettings
+from flower_tutorial.config import DataSettings, RunSettings, StrategySettings
 from flower_tutorial.outputs import load_checkpoint, make_run_dir
 from flower_tutorial.recording import RunRecorder
 from flower_tutorial.strategy import CheckedStrategy
@@ -71,8 +80,35 @@ def centralized_evaluation(data: DataSettings) -> EvaluateFn:
     return evaluate
 
 
+def flower_strategy(
+    chosen: StrategySettings, learning_rate: float, **common: Any
+) -> Strategy:
+    """Return the Flower strategy `chosen` names, with its own parameters.
+
+    `common` are FedAvg's (fractions, minimums, initial model, functions), which
+    every one of them takes.
+    """
+    adaptive = {"eta": chosen.server_learning_rate, "eta_l": learning_rate}
+    moments = {"beta_1": chosen.beta_1, "beta_2": chosen.beta_2, "tau": chosen.tau}
+    if chosen.name == "fedprox":
+        return FedProx(**common, proximal_mu=chosen.proximal_mu)
+    if chosen.name == "fedadam":
+        return FedAdam(**common, **adaptive, **moments)
+    if chosen.name == "fedyogi":
+        return FedYogi(**common, **adaptive, **moments)
+    if chosen.name == "fedadagrad":
+        return FedAdagrad(**common, **adaptive, tau=chosen.tau)
+    if chosen.name == "fedavgm":
+        return FedAvgM(
+            **common,
+            server_learning_rate=chosen.server_learning_rate,
+            server_momentum=chosen.server_momentum,
+        )
+    return FedAvg(**common)
+
+
 def server_fn(context: Context) -> ServerAppComponents:
-    """Build FedAvg, its checks, the client manager and the rounds from the run config.
+    """Build FedAvg (or the strategy chosen), its checks, the client manager and rounds.
 
     Every setting is checked, the checkpoint and test data loaded, before the
     output folder is created: a bad value leaves nothing behind.
@@ -88,7 +124,9 @@ def server_fn(context: Context) -> ServerAppComponents:
     evaluate_fn = None
     if settings.centralized_evaluation:
         evaluate_fn = centralized_evaluation(settings.data)
-    fedavg = FedAvg(
+    inner = flower_strategy(
+        settings.strategy,
+        settings.learning_rate,
         fraction_fit=settings.fraction_fit,
         fraction_evaluate=settings.fraction_evaluate,
         min_fit_clients=settings.min_fit_clients,
@@ -110,7 +148,7 @@ def server_fn(context: Context) -> ServerAppComponents:
         save_best_model=settings.save_best_model,
     )
     strategy = CheckedStrategy(
-        fedavg,
+        inner,
         client_manager=client_manager,
         recorder=recorder,
         aggregation=settings.aggregation,

@@ -113,10 +113,14 @@ class CheckedStrategy(Strategy):
             failures,
             lambda res: check_update(res, self._sent),
         )
+        named = list(zip(self._organizations(good), good, strict=True))
         self.recorder.record(
             server_round,
             fit_clients=len(good),
-            fit_examples=self._examples(good),
+            fit_examples={name: res.num_examples for name, (_, res) in named},
+            fit_train_loss={
+                name: res.metrics["train_loss"] for name, (_, res) in named
+            },
             fit_failures=reasons,
         )
         self._end_if_none_left("fit", server_round, good, reasons)
@@ -131,6 +135,8 @@ class CheckedStrategy(Strategy):
             )
             good = [(proxy, replace(res, parameters=combined)) for proxy, res in good]
         parameters, metrics = self.strategy.aggregate_fit(server_round, good, [])
+        if parameters is not None:
+            parameters = self._as_sent(parameters)
         self.recorder.record(server_round, train_loss=metrics.get("train_loss"))
         return parameters, metrics
 
@@ -226,6 +232,20 @@ class CheckedStrategy(Strategy):
                 f"({stage}); the first said: {reasons[0]}"
             )
 
+    def _as_sent(self, parameters: Parameters) -> Parameters:
+        """Return `parameters` in the dtypes of the model sent out.
+
+        Server-side optimizers (FedAdam and kin) compute in float64; the model,
+        its clients and the checks of the next round stay in the model's own.
+        """
+        arrays = parameters_to_ndarrays(parameters)
+        return ndarrays_to_parameters(
+            [
+                a.astype(s.dtype, copy=False)
+                for a, s in zip(arrays, self._sent, strict=True)
+            ]
+        )
+
     def _order(self, proxy: ClientProxy) -> tuple[int, str]:
         partition_id = self.client_manager.partition_id(proxy.cid)
         return (-1 if partition_id is None else partition_id, proxy.cid)
@@ -234,15 +254,13 @@ class CheckedStrategy(Strategy):
         partition_id = self.client_manager.partition_id(proxy.cid)
         return f"? (node {proxy.cid})" if partition_id is None else str(partition_id)
 
-    def _examples(self, good: list[tuple[ClientProxy, FitRes]]) -> dict[str, int]:
-        """Examples per organization: how much each update weighed in the average."""
-        examples: dict[str, int] = {}
-        for proxy, res in good:
-            key = self._name(proxy)
-            if key in examples:  # two nodes set up with the same partition-id
-                key = f"{key} (node {proxy.cid})"
-            examples[key] = res.num_examples
-        return examples
+    def _organizations(self, good: list[tuple[ClientProxy, FitRes]]) -> list[str]:
+        """Name each result by its partition (and node, if two share a partition)."""
+        names: list[str] = []
+        for proxy, _ in good:
+            name = self._name(proxy)
+            names.append(f"{name} (node {proxy.cid})" if name in names else name)
+        return names
 
 
 def _describe(failure: Failure) -> str:

@@ -9,7 +9,7 @@ from flwr.common import (
     RecordDict,
     parameters_to_ndarrays,
 )
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from flower_tutorial.client_app import FlowerClient, client_fn
 from flower_tutorial.client_manager import SeededClientManager
@@ -157,6 +157,65 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
     assert strategy.evaluate_metrics_aggregation_fn is weighted_average
     assert strategy.fit_metrics_aggregation_fn is weighted_average
     assert strategy.on_fit_config_fn(2) == {"server-round": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "expected"),
+    [
+        ("fedavg", FedAvg, {}),
+        ("fedprox", FedProx, {"proximal_mu": 0.3}),
+        (
+            "fedadam",
+            FedAdam,
+            {"eta": 0.05, "eta_l": 0.002, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-3},
+        ),
+        (
+            "fedyogi",
+            FedYogi,
+            {"eta": 0.05, "eta_l": 0.002, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-3},
+        ),
+        ("fedadagrad", FedAdagrad, {"eta": 0.05, "eta_l": 0.002, "tau": 1e-3}),
+        (
+            "fedavgm",
+            FedAvgM,
+            {"server_learning_rate": 0.05, "server_momentum": 0.7},
+        ),
+    ],
+)
+def test_server_fn_builds_the_strategy_chosen(run_config, name, cls, expected):
+    run_config |= {
+        "strategy": name,
+        "proximal-mu": 0.3,
+        "server-learning-rate": 0.05,
+        "server-momentum": 0.7,
+        "beta-1": 0.8,
+        "beta-2": 0.95,
+        "tau": 1e-3,
+        "learning-rate": 0.002,
+        "fraction-evaluate": 0.25,
+    }
+    components = server_fn(_context(run_config))
+    strategy = components.strategy.strategy
+    assert type(strategy) is cls
+    assert {key: getattr(strategy, key) for key in expected} == expected
+    # What every strategy shares comes from the run config too.
+    assert strategy.fraction_evaluate == 0.25
+    assert strategy.fit_metrics_aggregation_fn is weighted_average
+    assert strategy.initial_parameters is not None
+
+
+def test_fedprox_pulls_the_update_towards_the_global_model(client):
+    initial = get_parameters(Net())
+
+    def distance(config: dict) -> float:
+        params, _, _ = client.fit(initial, {"server-round": 1} | config)
+        return sum(
+            float(((a - b) ** 2).sum()) for a, b in zip(params, initial, strict=True)
+        )
+
+    free, pulled = distance({}), distance({"proximal_mu": 10.0})
+    assert pulled < 0.5 * free
+    assert distance({"proximal_mu": 0.0}) == free  # mu 0: the tutorial's loss
 
 
 def test_server_fn_makes_the_initial_model_from_the_seed(run_config):

@@ -76,6 +76,17 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
         ("krum-byzantine", -1, "an integer >= 0"),
         ("data-cache", "yes", "true or false"),
         ("data-cache-dir", 5, "a string"),
+        (
+            "strategy",
+            "fedsgd",
+            "one of 'fedavg', 'fedprox', 'fedadam', 'fedyogi', 'fedadagrad', 'fedavgm'",
+        ),
+        ("proximal-mu", -0.1, "a number >= 0"),
+        ("server-learning-rate", 0.0, "a number > 0"),
+        ("server-momentum", 1.0, r"a number in \[0, 1.0\)"),
+        ("beta-1", 1.5, r"a number in \[0, 1.0\)"),
+        ("beta-2", -0.1, r"a number in \[0, 1.0\)"),
+        ("tau", 0.0, "a number > 0"),
     ],
 )
 def test_bad_run_config_values_are_named(key, value, allowed):
