@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from federations import write_between_markers  # noqa: E402 - bench/
 
 # docs/performance.md holds the report between these two lines.
 REPORT_START = (
@@ -273,16 +274,10 @@ each holds fewer. Round 1 includes asking every node which partition it holds, o
 
 ![benchmark](benchmark.png)
 """
-    _write_between_markers(root / "docs" / "performance.md", text)
+    write_between_markers(
+        root / "docs" / "performance.md", REPORT_START, REPORT_END, "\n" + text
+    )
     _plot(results, root / "docs" / "benchmark.png")
-
-
-def _write_between_markers(path: Path, text: str) -> None:
-    """Replace what stands between the report's two markers in `path`."""
-    page = path.read_text()
-    before, rest = page.split(REPORT_START, 1)
-    _, after = rest.split(REPORT_END, 1)
-    path.write_text(f"{before}{REPORT_START}\n\n{text}\n{REPORT_END}{after}")
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

@@ -12,7 +12,14 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.common import EvaluateRes, FitRes, NDArrays, Scalar, parameters_to_ndarrays
+from flwr.common import (
+    EvaluateRes,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
 
 # The metrics the app's clients report: (lowest, highest allowed, in words).
 Ranges = Mapping[str, tuple[float, float, str]]
@@ -22,11 +29,18 @@ EVALUATE_METRICS: Ranges = {"accuracy": (0.0, 1.0, "a number in [0, 1]")}
 
 def check_update(res: FitRes, reference: NDArrays) -> str | None:
     """Return why an update cannot be averaged into `reference`'s model, or None."""
-    reason = _check_count(res.num_examples) or _check_metrics(res.metrics, FIT_METRICS)
-    if reason:
-        return reason
+    return check_fit_report(res) or check_arrays(res.parameters, reference)
+
+
+def check_fit_report(res: FitRes) -> str | None:
+    """Return why a training result's count or metrics are unsound, or None."""
+    return _check_count(res.num_examples) or _check_metrics(res.metrics, FIT_METRICS)
+
+
+def check_arrays(parameters: Parameters, reference: NDArrays) -> str | None:
+    """Return why `parameters` cannot stand for `reference`'s model, or None."""
     try:
-        arrays = parameters_to_ndarrays(res.parameters)
+        arrays = parameters_to_ndarrays(parameters)
     except Exception as ex:  # whatever bytes came, reading them must not end the run
         return f"its arrays cannot be read ({type(ex).__name__}: {ex})"
     if len(arrays) != len(reference):

@@ -12,6 +12,7 @@ from flower_tutorial.config import (
     NodeSettings,
     RunSettings,
 )
+from flower_tutorial.privacy import privacy_mod
 from flower_tutorial.task import (
     Net,
     TensorLoader,
@@ -104,4 +105,5 @@ def client_fn(context: Context) -> Client:
     return FlowerClient(Net(), trainloader, valloader, settings, node).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+# Secure aggregation and differential privacy, as the run config asks.
+app = ClientApp(client_fn=client_fn, mods=[privacy_mod])

@@ -13,9 +13,11 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from logging import WARNING
+from typing import Any
 
 from flwr.common import GetPropertiesIns
 from flwr.common.logger import log
+from flwr.server import Grid
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
@@ -48,14 +50,26 @@ class SeededClientManager(SimpleClientManager):
     def register(self, client: ClientProxy) -> bool:
         """Register a node, making its waits for replies end when the run stops."""
         if hasattr(client, "grid"):  # Flower's GridClientProxy
-            client.grid = StoppableGrid(client.grid, self._stopped)
+            client.grid = self.stoppable(client.grid)
         return super().register(client)
+
+    def stoppable(self, grid: Grid, timeout: float | None = None) -> StoppableGrid:
+        """Return `grid`, its waits for replies ended by `stop` (and `timeout`)."""
+        return StoppableGrid(grid, self._stopped, timeout)
 
     def stop(self) -> None:
         """End every wait of this run: for nodes, and for their replies."""
         self._stopped.set()
         with self._cv:
             self._cv.notify_all()
+
+    def sampler_state(self) -> Any:
+        """Return the sampling generator's state, for a checkpoint."""
+        return self._rng.getstate()
+
+    def restore_sampler(self, state: Any) -> None:
+        """Draw on from a checkpoint's sampling state."""
+        self._rng.setstate(state)
 
     def partition_id(self, cid: str) -> int | None:
         """Return the partition the node `cid` holds (None: not asked yet)."""

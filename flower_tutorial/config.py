@@ -16,6 +16,8 @@ from typing import Any
 
 from flwr.common.config import get_fused_config_from_dir
 
+# SecAgg+'s modulus (Flower's default): quantized values must stay below it.
+SECAGG_MODULUS = 2**32
 # The app's root, where pyproject.toml holds the run config's defaults.
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -62,17 +64,21 @@ def _float(
     upper: float = math.inf,
     zero_allowed: bool = False,
     upper_open: bool = False,
+    finite: bool = True,
 ) -> float:
-    """Read a finite float in (0, upper] or [0, upper] (upper excluded if open).
+    """Read a float in (0, upper] or [0, upper] (upper excluded if open).
 
-    TOML integers count too.
+    TOML integers count too; infinity only where `finite` is False.
     """
     value = _get(config, key, source)
     number = isinstance(value, int | float) and not isinstance(value, bool)
     above_low = number and (value >= 0 if zero_allowed else value > 0)
     below_high = number and (value < upper if upper_open else value <= upper)
-    if not above_low or not math.isfinite(value) or not below_high:
-        if math.isinf(upper):
+    in_range = above_low and below_high and (math.isfinite(value) or not finite)
+    if not in_range:
+        if not finite:
+            allowed = "a number > 0, or inf"
+        elif math.isinf(upper):
             allowed = "a number >= 0" if zero_allowed else "a number > 0"
         else:
             low = "[" if zero_allowed else "("
@@ -120,6 +126,10 @@ def _choice(
 PARTITIONERS = ("iid", "dirichlet", "shards")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+DP_MODES = ("none", "central-fixed", "central-adaptive", "local")
+# Strategies that step from the mean update on the server (an optimizer, or
+# momentum): Flower's DP wrappers add their noise after that step, too late.
+SERVER_STEPPING = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 
 # Node-config keys; clients also echo them in their metrics, so that the server
 # knows which partition a result came from.
@@ -206,6 +216,67 @@ class StrategySettings:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """Secure aggregation (SecAgg+) and differential privacy (docs/privacy.md)."""
+
+    secure_aggregation: bool
+    secagg_num_shares: int
+    secagg_reconstruction_threshold: int
+    secagg_clipping_range: float
+    secagg_quantization_range: int
+    dp: str
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    dp_target_clipped_quantile: float
+    dp_clip_norm_lr: float
+    dp_local_epsilon: float
+    dp_delta: float
+    dp_max_epsilon: float
+
+    @property
+    def central_dp(self) -> bool:
+        """Whether the server adds the noise (to the mean of clipped updates)."""
+        return self.dp.startswith("central")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> PrivacySettings:
+        """Read and check the privacy keys of ``context.run_config``."""
+        src = "run config"
+        shares = _int(run_config, "secagg-num-shares", 2, src)
+        threshold = _int(run_config, "secagg-reconstruction-threshold", 2, src)
+        if threshold > shares:
+            raise ValueError(
+                f"run config key 'secagg-reconstruction-threshold' = {threshold} is "
+                f"not allowed: expected at most secagg-num-shares = {shares} (a "
+                "secret is split into that many shares)."
+            )
+        quantization = _int(run_config, "secagg-quantization-range", 2, src)
+        if quantization >= SECAGG_MODULUS:
+            raise ValueError(
+                f"run config key 'secagg-quantization-range' = {quantization} is "
+                f"not allowed: expected an integer below 2**32, SecAgg+'s modulus."
+            )
+        probability = {"upper": 1.0, "upper_open": True}
+        return cls(
+            secure_aggregation=_bool(run_config, "secure-aggregation", src),
+            secagg_num_shares=shares,
+            secagg_reconstruction_threshold=threshold,
+            secagg_clipping_range=_float(run_config, "secagg-clipping-range", src),
+            secagg_quantization_range=quantization,
+            dp=_choice(run_config, "dp", DP_MODES, src),
+            dp_noise_multiplier=_float(run_config, "dp-noise-multiplier", src),
+            dp_clipping_norm=_float(run_config, "dp-clipping-norm", src),
+            dp_target_clipped_quantile=_float(
+                run_config, "dp-target-clipped-quantile", src, **probability
+            ),
+            dp_clip_norm_lr=_float(run_config, "dp-clip-norm-lr", src),
+            dp_local_epsilon=_float(run_config, "dp-local-epsilon", src),
+            dp_delta=_float(run_config, "dp-delta", src, **probability),
+            dp_max_epsilon=_float(run_config, "dp-max-epsilon", src, finite=False),
+        )
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Every run-config key of the app, typed and range-checked."""
 
@@ -222,12 +293,14 @@ class RunSettings:
     round_timeout: float
     centralized_evaluation: bool
     initial_checkpoint: str
+    resume_from: str
     output_dir: str
     save_best_model: bool
     aggregation: str
     trim_fraction: float
     krum_byzantine: int
     strategy: StrategySettings
+    privacy: PrivacySettings
 
     @property
     def seed(self) -> int:
@@ -256,13 +329,45 @@ class RunSettings:
             initial_checkpoint=_str(
                 run_config, "initial-checkpoint", src, empty_allowed=True
             ),
+            resume_from=_str(run_config, "resume-from", src, empty_allowed=True),
             output_dir=_str(run_config, "output-dir", src),
             save_best_model=_bool(run_config, "save-best-model", src),
             aggregation=_choice(run_config, "aggregation", AGGREGATIONS, src),
             trim_fraction=_float(run_config, "trim-fraction", src, upper=0.49),
             krum_byzantine=_int(run_config, "krum-byzantine", 0, src),
             strategy=StrategySettings.from_run_config(run_config),
-        )
+            privacy=PrivacySettings.from_run_config(run_config),
+        )._checked()
+
+    def _checked(self) -> RunSettings:
+        """Refuse combinations of keys that cannot work together, saying why."""
+        if self.resume_from and self.initial_checkpoint:
+            raise ValueError(
+                f"run config key 'initial-checkpoint' = {self.initial_checkpoint!r} "
+                "is not allowed with resume-from: a resumed run starts from its own "
+                "checkpoint."
+            )
+        privacy, rule = self.privacy, self.aggregation
+        if privacy.secure_aggregation and rule != "fedavg":
+            raise ValueError(
+                f"run config key 'aggregation' = {rule!r} is not allowed with "
+                "secure-aggregation = true: the server sees only the sum of the "
+                "updates, never one update, so a robust rule has nothing to sort."
+            )
+        if privacy.central_dp and rule != "fedavg":
+            raise ValueError(
+                f"run config key 'aggregation' = {rule!r} is not allowed with "
+                f"dp = {privacy.dp!r}: the noise is calibrated to a mean of clipped "
+                "updates, not to a median or a chosen update."
+            )
+        if privacy.central_dp and self.strategy.name in SERVER_STEPPING:
+            raise ValueError(
+                f"run config key 'strategy' = {self.strategy.name!r} is not allowed "
+                f"with dp = {privacy.dp!r}: Flower's DP wrapper adds its noise after "
+                "the strategy's own server-side step, which would already have seen "
+                "the noiseless mean. Use fedavg or fedprox, or dp = 'local'."
+            )
+        return self
 
 
 @dataclass(frozen=True)

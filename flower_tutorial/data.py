@@ -325,6 +325,13 @@ def decoded_test_split(data: DataSettings, device: str) -> Decoded:
     return data_cache(data).get(key, build).on(device)
 
 
+def train_split_size(data: DataSettings) -> int:
+    """Return how many images the train split holds (an upper bound per client)."""
+    from datasets import load_dataset
+
+    return load_dataset(dataset_source(data.dataset), split="train").num_rows
+
+
 def label_counts(data: DataSettings, num_partitions: int) -> np.ndarray:
     """Return how many images of each class every partition holds.
 

@@ -7,6 +7,7 @@ every Flower loop calls, the legacy Server's and `DefaultWorkflow`'s alike.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.common import Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.logger import log
 
+from flower_tutorial import checkpoint
 from flower_tutorial.config import DataSettings
 from flower_tutorial.data import (
     IMAGE_KEY,
@@ -36,6 +38,12 @@ TENSORBOARD_TAGS = {
     "distributed_accuracy": "accuracy/federated",
     "centralized_accuracy": "accuracy/centralized",
     "seconds": "time/round seconds",
+    "epsilon": "privacy/epsilon",
+}
+AXIS_LABELS = {
+    "accuracy": "accuracy",
+    "loss": "cross-entropy loss",
+    "epsilon": "privacy spent, epsilon",
 }
 # More partitions than this make the label plot unreadable, and slow to draw.
 MAX_PLOTTED_PARTITIONS = 1000
@@ -67,6 +75,8 @@ class RunRecorder:
         self.num_partitions: int | None = None
         self.nodes_left_out: list[str] = []
         self.finished = False  # True once the last round is recorded
+        self.stopped_early: str | None = None  # why the run ended before num_rounds
+        self.resumed: list[dict[str, Any]] = []  # after which rounds, and when
         self._tensorboard: SummaryWriter | None = None
         self._round_started: dict[int, float] = {}
         self._run_started = time.monotonic()
@@ -87,11 +97,38 @@ class RunRecorder:
         self.num_partitions = num_partitions
         self.nodes_left_out = nodes_left_out
 
-    def end_round(self, server_round: int, parameters: Parameters) -> None:
+    def restore(self, history: dict[str, Any], server_round: int) -> None:
+        """Go on from a checkpoint's history, after its round `server_round`."""
+        self.rounds = {r["round"]: r for r in history["rounds"]}
+        self.num_partitions = history["num_partitions"]
+        self.nodes_left_out = history["nodes_left_out"]
+        self.resumed = [
+            *history.get("resumed", []),
+            {
+                "after_round": server_round,
+                "at": datetime.now().isoformat("T", "seconds"),
+            },
+        ]
+        best = history["best_round"]
+        if best is not None:
+            entry = self.rounds[best]
+            accuracy = entry.get(
+                "centralized_accuracy", entry.get("distributed_accuracy")
+            )
+            self.best = (accuracy, best)
+        log(INFO, "Resuming %s after round %s.", self.run_dir, server_round)
+
+    def end_round(
+        self,
+        server_round: int,
+        parameters: Parameters,
+        state: dict[str, Any] | None = None,
+    ) -> None:
         """Log the round's progress line, keep the best model, write history.json.
 
-        `parameters` is the global model after the round; after the last round it
-        is saved as final_model.pt, and the plots are drawn.
+        `parameters` is the global model after the round, saved with `state` (what
+        else the next rounds depend on) as the run's checkpoint; after the last
+        round it is saved as final_model.pt, and the plots are drawn.
         """
         entry = self.rounds.setdefault(server_round, {"round": server_round})
         if server_round == 0 and len(entry) == 1:
@@ -99,8 +136,6 @@ class RunRecorder:
             return
         started = self._round_started[server_round]
         entry["seconds"] = round(time.monotonic() - started, 3)
-        log(INFO, "%s", progress_line(entry, self.num_rounds))
-        self._write_scalars(entry)
         accuracy = entry.get("centralized_accuracy", entry.get("distributed_accuracy"))
         # Round 0 counts: when fine-tuning, the checkpoint may stay the best model.
         improved = accuracy is not None and (
@@ -109,6 +144,19 @@ class RunRecorder:
         if self.save_best_model and improved:
             self.best = (accuracy, server_round)
             save_model(_net(parameters), self.run_dir / "best_model.pt")
+        if state is not None:
+            # After the best model: a resumed run must find the one it names.
+            checkpoint.save(
+                checkpoint.Checkpoint(
+                    server_round,
+                    parameters_to_ndarrays(parameters),
+                    self._history(),
+                    **state,
+                ),
+                self.run_dir,
+            )
+        log(INFO, "%s", progress_line(entry, self.num_rounds))
+        self._write_scalars(entry)
         if server_round == self.num_rounds:
             self._finish(parameters)
         self.write_history()
@@ -135,17 +183,27 @@ class RunRecorder:
                 self._tensorboard.add_scalar(tag, value, step)
         self._tensorboard.flush()
 
+    def stop_early(self, last_round: int, parameters: Parameters, why: str) -> None:
+        """End the run after `last_round`: save the final model and plots now."""
+        self.stopped_early = f"after round {last_round}: {why}"
+        self._finish(parameters)
+        self.write_history()
+
     def write_history(self) -> None:
         """Write history.json (atomically) with every round so far."""
-        history = {
+        write_json(self._history(), self.run_dir / "history.json")
+
+    def _history(self) -> dict[str, Any]:
+        return {
             "run_config": self.run_config,
+            "stopped_early": self.stopped_early,
+            "resumed": self.resumed,
             "num_partitions": self.num_partitions,
             "nodes_left_out": self.nodes_left_out,
             "best_round": self.best[1] if self.best else None,
             "seconds": round(time.monotonic() - self._run_started, 3),
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
         }
-        write_json(history, self.run_dir / "history.json")
 
     def _finish(self, parameters: Parameters) -> None:
         """Save the final model and the plots; log where everything is."""
@@ -179,12 +237,17 @@ class RunRecorder:
         accuracy = {k: self._series(f"{v}_accuracy") for k, v in sources.items()}
         loss = {k: self._series(f"{v}_loss") for k, v in sources.items()}
         loss["training (clients, during fit)"] = self._series("train_loss")
-        for name, series in (("accuracy", accuracy), ("loss", loss)):
+        epsilon = {"epsilon at dp-delta": self._series("epsilon")}
+        for name, series in (
+            ("accuracy", accuracy),
+            ("loss", loss),
+            ("epsilon", epsilon),
+        ):
             if any(series.values()):  # no evaluation at all: nothing to draw
                 plot_curves(
                     series,
                     "round",
-                    name if name == "accuracy" else "cross-entropy loss",
+                    AXIS_LABELS[name],
                     f"{name.capitalize()} of the global model",
                     self.run_dir / f"{name}.png",
                 )
@@ -239,9 +302,13 @@ def progress_line(entry: dict[str, Any], num_rounds: int) -> str:
         ("distributed_accuracy", "federated acc"),
         ("centralized_loss", "centralized loss"),
         ("centralized_accuracy", "centralized acc"),
+        ("epsilon", "epsilon"),
     ):
         value = entry.get(key)
         if value is not None:
-            shown = f"{100 * value:.2f}%" if "acc" in label else f"{value:.4f}"
+            if "acc" in label:
+                shown = f"{100 * value:.2f}%"
+            else:
+                shown = f"{value:.4f}" if "loss" in label else f"{value:.3g}"
             parts.append(f"{label} {shown}")
     return " | ".join(parts)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flwr.common import Context, Metrics, NDArrays, Scalar, ndarrays_to_parameters
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server import (
+    Grid,
+    LegacyContext,
+    ServerApp,
+    ServerAppComponents,
+    ServerConfig,
+)
+from flwr.server.compat import start_grid
 from flwr.server.strategy import (
     FedAdagrad,
     FedAdam,
@@ -16,10 +24,14 @@ from flwr.server.strategy import (
     FedYogi,
     Strategy,
 )
+from flwr.server.workflow import DefaultWorkflow
 
+from flower_tutorial import checkpoint
 from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import DataSettings, RunSettings, StrategySettings
+from flower_tutorial.data import train_split_size
 from flower_tutorial.outputs import load_checkpoint, make_run_dir
+from flower_tutorial.privacy import PrivacyLedger, secure_fit_workflow, with_central_dp
 from flower_tutorial.recording import RunRecorder
 from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import (
@@ -117,7 +129,13 @@ def server_fn(context: Context) -> ServerAppComponents:
     set_seed(settings.seed)
     # The initial model is made (or loaded) here, so no client is asked for its
     # random weights.
-    if settings.initial_checkpoint:
+    saved = None
+    if settings.resume_from:
+        saved = checkpoint.load(Path(settings.resume_from).expanduser())
+        checkpoint.check_resumable(saved, dict(context.run_config))
+        net = Net()
+        set_parameters(net, saved.model)
+    elif settings.initial_checkpoint:
         net = load_checkpoint(settings.initial_checkpoint)
     else:
         net = Net()
@@ -138,10 +156,17 @@ def server_fn(context: Context) -> ServerAppComponents:
         fit_metrics_aggregation_fn=weighted_average,
         evaluate_metrics_aggregation_fn=weighted_average,
     )
+    privacy = settings.privacy
+    if privacy.central_dp:
+        inner = with_central_dp(inner, privacy)
     # Which clients are sampled is seeded too (see SeededClientManager).
     client_manager = SeededClientManager(settings.node_wait_timeout, settings.seed)
     recorder = RunRecorder(
-        run_dir=make_run_dir(settings.output_dir, context.run_id),
+        run_dir=(
+            Path(settings.resume_from).expanduser().resolve()
+            if saved
+            else make_run_dir(settings.output_dir, context.run_id)
+        ),
         run_config=dict(context.run_config),
         data=settings.data,
         num_rounds=settings.num_server_rounds,
@@ -154,7 +179,12 @@ def server_fn(context: Context) -> ServerAppComponents:
         aggregation=settings.aggregation,
         trim_fraction=settings.trim_fraction,
         krum_byzantine=settings.krum_byzantine,
+        privacy=None if privacy.dp == "none" else PrivacyLedger(privacy),
+        central_dp=privacy.central_dp,
+        secure_aggregation=privacy.secure_aggregation,
     )
+    if saved:
+        strategy.resume(saved)
     config = ServerConfig(
         num_rounds=settings.num_server_rounds, round_timeout=settings.round_timeout
     )
@@ -163,4 +193,42 @@ def server_fn(context: Context) -> ServerAppComponents:
     )
 
 
-app = ServerApp(server_fn=server_fn)
+def run_rounds(grid: Grid, context: Context, components: ServerAppComponents) -> None:
+    """Run the rounds of `server_fn`'s components.
+
+    In Flower's legacy loop, exactly as `ServerApp(server_fn=server_fn)` would; with
+    `secure-aggregation`, in Flower's DefaultWorkflow with SecAgg+, which waits for
+    replies up to round-timeout only through the grid given here.
+    """
+    settings = RunSettings.from_run_config(context.run_config)
+    manager = components.client_manager
+    if not settings.privacy.secure_aggregation:
+        start_grid(
+            grid=grid,
+            config=components.config,
+            strategy=components.strategy,
+            client_manager=manager,
+        )
+        return
+    # SecAgg+ scales each update by its examples / max_weight: no client can
+    # hold more examples than the whole train split.
+    max_weight = train_split_size(settings.data)
+    fit = secure_fit_workflow(settings.privacy, max_weight, settings.round_timeout)
+    DefaultWorkflow(fit_workflow=fit)(
+        manager.stoppable(grid, settings.round_timeout),
+        LegacyContext(
+            context,
+            config=components.config,
+            strategy=components.strategy,
+            client_manager=manager,
+        ),
+    )
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Build the components with `server_fn` and run their rounds."""
+    run_rounds(grid, context, server_fn(context))

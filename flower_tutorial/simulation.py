@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from flwr.client import Client, ClientApp
-from flwr.common import Context
-from flwr.server import ServerApp, ServerAppComponents
+from flwr.common import Context, Message
+from flwr.server import Grid, ServerApp, ServerAppComponents
 from flwr.simulation import run_simulation
 
 from flower_tutorial.client_app import client_fn
 from flower_tutorial.config import app_run_config
-from flower_tutorial.server_app import server_fn
+from flower_tutorial.privacy import privacy_mod
+from flower_tutorial.server_app import run_rounds, server_fn
 from flower_tutorial.stopping import stop_on_ctrl_c
 from flower_tutorial.task import get_device
 
@@ -58,22 +59,29 @@ def run_tutorial_simulation(
         interrupted.set()
         stop_run()
 
-    def _server_fn(context: Context) -> ServerAppComponents:
-        components = server_fn(replace(context, run_config=fused))
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        context = replace(context, run_config=fused)
+        components = server_fn(context)
         built.append(components)
         if interrupted.is_set():  # Ctrl-C came before the server existed
             stop_run()
-        return components
+        run_rounds(grid, context, components)
 
     def _client_fn(context: Context) -> Client:
         # A copy: Flower rejects a ClientApp that changes its context's run_config.
         return client_fn(replace(context, run_config=fused))
 
+    def _privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
+        return privacy_mod(msg, replace(context, run_config=fused), call_next)
+
     try:
         with stop_on_ctrl_c(on_ctrl_c):
             run_simulation(
-                server_app=ServerApp(server_fn=_server_fn),
-                client_app=ClientApp(client_fn=_client_fn),
+                server_app=server_app,
+                client_app=ClientApp(client_fn=_client_fn, mods=[_privacy_mod]),
                 num_supernodes=num_supernodes,
                 backend_config=dict(backend_config or default_backend_config()),
             )

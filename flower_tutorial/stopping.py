@@ -37,9 +37,12 @@ class StoppableGrid:
     keep the ServerApp's threads, and so the process, alive until then.
     """
 
-    def __init__(self, grid: Grid, stopped: threading.Event) -> None:
+    def __init__(
+        self, grid: Grid, stopped: threading.Event, timeout: float | None = None
+    ) -> None:
         self._grid = grid
         self._stopped = stopped
+        self._timeout = timeout  # for callers that give none (DefaultWorkflow)
         # Flower's grid polls every 0.1 s in memory, but every 3 s over HTTP
         # (`flwr run`, deployments): every wait for replies would then end up to
         # 3 s after the last reply came. A local SuperLink answers a pull in ms.
@@ -54,6 +57,7 @@ class StoppableGrid:
     ) -> list[Message]:
         """Push `messages`, then pull replies until all came, time ran out or stop."""
         pending = set(self._grid.push_messages(messages))
+        timeout = self._timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while True:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from logging import WARNING
-from typing import TypeVar
+from logging import INFO, WARNING
+from typing import Any, TypeVar
 
 from flwr.common import (
     EvaluateIns,
@@ -30,9 +30,16 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from flower_tutorial import checkpoint
 from flower_tutorial.aggregation import ROBUST_RULES, robust_combination
-from flower_tutorial.checks import check_evaluation, check_update
+from flower_tutorial.checks import (
+    check_arrays,
+    check_evaluation,
+    check_fit_report,
+    check_update,
+)
 from flower_tutorial.client_manager import SeededClientManager
+from flower_tutorial.privacy import PrivacyLedger
 from flower_tutorial.recording import RunRecorder
 
 Res = TypeVar("Res", FitRes, EvaluateRes)
@@ -64,6 +71,9 @@ class CheckedStrategy(Strategy):
         aggregation: str = "fedavg",
         trim_fraction: float = 0.2,
         krum_byzantine: int = 1,
+        privacy: PrivacyLedger | None = None,
+        central_dp: bool = False,
+        secure_aggregation: bool = False,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -72,7 +82,20 @@ class CheckedStrategy(Strategy):
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
         self.krum_byzantine = krum_byzantine
+        self.privacy = privacy
+        self.central_dp = central_dp
+        self.secure_aggregation = secure_aggregation
+        if secure_aggregation:
+            log(
+                INFO,
+                "Secure aggregation: the server sees only the sum of the updates, so "
+                "the per-update checks apply to that aggregate; counts and metrics "
+                "are still checked per client.",
+            )
+        self.first_round = 1  # later, when resuming from a checkpoint
+        self.last_round = recorder.num_rounds  # earlier, if the privacy budget ends
         self._sent: NDArrays = []  # the global model sent out for training
+        self._asked = 0  # clients asked to train this round
         self._global: Parameters | None = None  # the model after this round
 
     def __repr__(self) -> str:
@@ -81,23 +104,59 @@ class CheckedStrategy(Strategy):
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Start round 0 (the initial model's evaluation) with the inner strategy's."""
-        self.recorder.start_round(0)
+        if self.first_round == 1:
+            self.recorder.start_round(0)
         return self.strategy.initialize_parameters(client_manager)
+
+    def _done(self, server_round: int) -> bool:
+        """Whether `server_round` is not this run's to run.
+
+        Done before a resume (Flower's loops always count from round 1), or after
+        the last round the privacy budget allows.
+        """
+        return not self.first_round <= server_round <= self.last_round
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Start the round; keep the model sent out: updates are checked against it."""
+        """Start the round; keep the model sent out: updates are checked against it.
+
+        A round after the last (the privacy budget is spent) asks no client.
+        """
+        if self.privacy and not self._done(server_round):
+            self._stop_at_the_budget(server_round, parameters)
+        if self._done(server_round):
+            return []
         self.recorder.start_round(server_round)
         self._sent = parameters_to_ndarrays(parameters)
         instructions = self.strategy.configure_fit(
             server_round, parameters, client_manager
         )
+        self._asked = len(instructions)
         self.recorder.record_federation(
             self.client_manager.num_partitions,
             list(self.client_manager.unidentified.values()),
         )
         return instructions
+
+    def _stop_at_the_budget(self, server_round: int, parameters: Parameters) -> None:
+        """End the run before the round that would spend more than dp-max-epsilon."""
+        if not self.privacy.would_exceed():
+            return
+        self.last_round = server_round - 1
+        log(
+            WARNING,
+            "Round %s would take epsilon past dp-max-epsilon = %s (at delta = %s); "
+            "the run ends after round %s, epsilon = %.3f.",
+            server_round,
+            self.privacy.max_epsilon,
+            self.privacy.delta,
+            self.last_round,
+            self.privacy.epsilon,
+        )
+        self.recorder.stop_early(
+            self.last_round, parameters, "the next would pass dp-max-epsilon"
+        )
 
     def aggregate_fit(
         self,
@@ -106,13 +165,12 @@ class CheckedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Combine the sound updates; record the others with their reasons."""
-        good, reasons = self._sort_out(
-            "fit",
-            server_round,
-            results,
-            failures,
-            lambda res: check_update(res, self._sent),
-        )
+        if self.secure_aggregation:  # every result carries the same aggregate
+            check = check_fit_report
+        else:
+            check = lambda res: check_update(res, self._sent)  # noqa: E731
+        good, reasons = self._sort_out("fit", server_round, results, failures, check)
+        reasons += _missing(self._asked, results, failures)
         named = list(zip(self._organizations(good), good, strict=True))
         self.recorder.record(
             server_round,
@@ -124,6 +182,48 @@ class CheckedStrategy(Strategy):
             fit_failures=reasons,
         )
         self._end_if_none_left("fit", server_round, good, reasons)
+        voided = self._why_void(good, reasons)
+        if voided:
+            log(
+                WARNING,
+                "Round %s: no update, the model stays: %s",
+                server_round,
+                voided,
+            )
+            self.recorder.record(server_round, fit_voided=voided)
+            return None, {}
+        parameters, metrics = self.strategy.aggregate_fit(
+            server_round, self._prepared(good), []
+        )
+        if parameters is not None:
+            parameters = self._as_sent(parameters)
+        self.recorder.record(server_round, train_loss=metrics.get("train_loss"))
+        if self.privacy and parameters is not None:
+            self.recorder.record(server_round, epsilon=self.privacy.spend())
+        return parameters, metrics
+
+    def _why_void(self, good: list, reasons: list[str]) -> str | None:
+        """Return why this round must change nothing, or None."""
+        if self.central_dp and reasons:
+            # The noise is calibrated to a mean over every client asked; a mean
+            # over fewer would reveal more than the noise hides.
+            return "central DP needs every client asked, and some were left out"
+        if self.secure_aggregation:
+            aggregate = self._as_sent(good[0][1].parameters)
+            unsound = check_arrays(aggregate, self._sent)
+            return unsound and f"the secure aggregate is unsound: {unsound}"
+        return None
+
+    def _prepared(self, good: list[tuple[ClientProxy, FitRes]]) -> list:
+        """Return the sound results as the wrapped strategy is to average them."""
+        if self.secure_aggregation:
+            # SecAgg+ hands over its float64 sum; the model is float32.
+            aggregate = self._as_sent(good[0][1].parameters)
+            good = [(proxy, replace(res, parameters=aggregate)) for proxy, res in good]
+        if self.central_dp:
+            # Each clipped update weighs the same: a count of examples would
+            # scale it past the clipping norm that the noise is made for.
+            good = [(proxy, replace(res, num_examples=1)) for proxy, res in good]
         if self.aggregation in ROBUST_RULES:
             combined = ndarrays_to_parameters(
                 robust_combination(
@@ -134,16 +234,15 @@ class CheckedStrategy(Strategy):
                 )
             )
             good = [(proxy, replace(res, parameters=combined)) for proxy, res in good]
-        parameters, metrics = self.strategy.aggregate_fit(server_round, good, [])
-        if parameters is not None:
-            parameters = self._as_sent(parameters)
-        self.recorder.record(server_round, train_loss=metrics.get("train_loss"))
-        return parameters, metrics
+        return good
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         """Evaluate centrally (if the inner strategy does) and record the result."""
+        # Round 0 evaluates the initial model: a resumed run has it on record.
+        if self.first_round > 1 if server_round == 0 else self._done(server_round):
+            return None
         res = self.strategy.evaluate(server_round, parameters)
         if res is not None:
             loss, metrics = res
@@ -160,12 +259,14 @@ class CheckedStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Ask clients to evaluate; without any (fraction-evaluate 0) the round ends."""
+        if self._done(server_round):
+            return []
         self._global = parameters
         instructions = self.strategy.configure_evaluate(
             server_round, parameters, client_manager
         )
         if not instructions:  # Flower's loops then skip aggregate_evaluate
-            self.recorder.end_round(server_round, parameters)
+            self.recorder.end_round(server_round, parameters, self._resume_state())
         return instructions
 
     def aggregate_evaluate(
@@ -188,8 +289,29 @@ class CheckedStrategy(Strategy):
             distributed_loss=loss,
             distributed_accuracy=metrics.get("accuracy"),
         )
-        self.recorder.end_round(server_round, self._global)
+        self.recorder.end_round(server_round, self._global, self._resume_state())
         return loss, metrics
+
+    def _resume_state(self) -> dict[str, Any]:
+        """Return what the rounds to come depend on, besides model and history."""
+        numpy_rng, python_rng = checkpoint.random_states()
+        return {
+            "strategy": checkpoint.strategy_state(self.strategy),
+            "privacy": self.privacy.state_dict() if self.privacy else None,
+            "sampler": self.client_manager.sampler_state(),
+            "numpy_rng": numpy_rng,
+            "python_rng": python_rng,
+        }
+
+    def resume(self, saved: checkpoint.Checkpoint) -> None:
+        """Go on after the checkpoint's round, with every state it saved."""
+        self.first_round = saved.server_round + 1
+        self.recorder.restore(saved.history, saved.server_round)
+        checkpoint.restore_strategy_state(self.strategy, saved.strategy)
+        if self.privacy:
+            self.privacy.load_state_dict(saved.privacy)
+        self.client_manager.restore_sampler(saved.sampler)
+        checkpoint.restore_random_states(saved.numpy_rng, saved.python_rng)
 
     def _sort_out(
         self,
@@ -261,6 +383,16 @@ class CheckedStrategy(Strategy):
             name = self._name(proxy)
             names.append(f"{name} (node {proxy.cid})" if name in names else name)
         return names
+
+
+def _missing(asked: int, results: list, failures: list) -> list[str]:
+    """Reasons for the clients asked that neither replied nor failed.
+
+    Flower's DefaultWorkflow (SecAgg+) stops waiting at round-timeout without a
+    word about who never replied; the legacy loop reports them as failures.
+    """
+    missing = asked - len(results) - len(failures)
+    return ["no reply within round-timeout"] * max(missing, 0)
 
 
 def _describe(failure: Failure) -> str:

@@ -87,6 +87,22 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
         ("beta-1", 1.5, r"a number in \[0, 1.0\)"),
         ("beta-2", -0.1, r"a number in \[0, 1.0\)"),
         ("tau", 0.0, "a number > 0"),
+        ("secure-aggregation", "on", "true or false"),
+        ("secagg-num-shares", 1, "an integer >= 2"),
+        ("secagg-reconstruction-threshold", 1, "an integer >= 2"),
+        ("secagg-reconstruction-threshold", 4, "at most secagg-num-shares = 3"),
+        ("secagg-clipping-range", 0.0, "a number > 0"),
+        ("secagg-quantization-range", 1, "an integer >= 2"),
+        ("secagg-quantization-range", 2**32, "an integer below 2\\*\\*32"),
+        ("dp", "global", "one of 'none', 'central-fixed', 'central-adaptive', 'local'"),
+        ("dp-noise-multiplier", 0.0, "a number > 0"),
+        ("dp-clipping-norm", -1.0, "a number > 0"),
+        ("dp-target-clipped-quantile", 1.0, r"a number in \(0, 1.0\)"),
+        ("dp-clip-norm-lr", 0, "a number > 0"),
+        ("dp-local-epsilon", float("inf"), "a number > 0"),
+        ("dp-delta", 1.0, r"a number in \(0, 1.0\)"),
+        ("dp-max-epsilon", 0.0, "a number > 0, or inf"),
+        ("dp-max-epsilon", float("nan"), "a number > 0, or inf"),
     ],
 )
 def test_bad_run_config_values_are_named(key, value, allowed):
@@ -96,6 +112,39 @@ def test_bad_run_config_values_are_named(key, value, allowed):
     message = str(err.value)
     assert f"'{key}' = {value!r}" in message
     assert re.search(f"expected {allowed}", message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"secure-aggregation": True, "aggregation": "median"},
+            r"'aggregation' = 'median' is not allowed with secure-aggregation",
+        ),
+        (
+            {"dp": "central-fixed", "aggregation": "krum"},
+            r"'aggregation' = 'krum' is not allowed with dp = 'central-fixed'",
+        ),
+        (
+            {"dp": "central-adaptive", "strategy": "fedadam"},
+            r"'strategy' = 'fedadam' is not allowed with dp = 'central-adaptive'",
+        ),
+    ],
+    ids=["secagg-robust", "central-dp-robust", "central-dp-fedadam"],
+)
+def test_combinations_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_run_config(default_run_config() | overrides)
+
+
+def test_combinations_that_work_are_accepted():
+    for overrides in (
+        {"dp": "local", "aggregation": "median"},  # each update noised on its own
+        {"dp": "central-fixed", "strategy": "fedprox"},  # the same mean on the server
+        {"secure-aggregation": True, "dp": "central-fixed"},
+        {"secure-aggregation": True, "strategy": "fedadam"},
+    ):
+        RunSettings.from_run_config(default_run_config() | overrides)
 
 
 def test_a_missing_run_config_key_says_where_to_set_it():

@@ -59,7 +59,7 @@ def _strategy(
     manager = SeededClientManager(timeout=5.0, seed=0)
     for pid in range(num_nodes):
         manager.register(_Proxy(pid))
-    recorder = RunRecorder(tmp_path, {}, settings.data, 1, False)
+    recorder = RunRecorder(tmp_path, {}, settings.data, 2, False)
     strategy = CheckedStrategy(
         inner or FedAvg(),
         client_manager=manager,
@@ -163,6 +163,16 @@ def test_checks_work_inside_flowers_dp_wrapper(tmp_path):
     assert reason == "partition 2: array 0 has shape (51,), expected (50,)"
 
 
+def test_an_evaluation_without_replies_ends_the_round_quietly(tmp_path):
+    # Every evaluation reply missing (DefaultWorkflow's timeout): nothing to average,
+    # nothing failed, the round is recorded and the run goes on.
+    strategy = _strategy(tmp_path, 3)
+    assert strategy.configure_evaluate(1, _sent(), strategy.client_manager)
+    assert strategy.aggregate_evaluate(1, [], []) == (None, {})
+    assert strategy.recorder.rounds[1]["evaluate_clients"] == 0
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
 def test_unsound_evaluations_are_left_out(tmp_path):
     strategy = _strategy(tmp_path, 3)
     proxies = strategy.client_manager.all()
@@ -170,12 +180,12 @@ def test_unsound_evaluations_are_left_out(tmp_path):
     def res(loss: float, n: int, pid: int) -> tuple:
         return proxies[f"node-{pid}"], EvaluateRes(OK, loss, n, {"accuracy": 0.5})
 
-    strategy.recorder.start_round(2)  # as configure_fit does
+    assert strategy.configure_evaluate(1, _sent(), strategy.client_manager)
     loss, _ = strategy.aggregate_evaluate(
-        2, [res(1.0, 10, 0), res(float("nan"), 10, 1), res(3.0, 0, 2)], []
+        1, [res(1.0, 10, 0), res(float("nan"), 10, 1), res(3.0, 0, 2)], []
     )
     assert loss == 1.0
-    failures = strategy.recorder.rounds[2]["evaluate_failures"]
+    failures = strategy.recorder.rounds[1]["evaluate_failures"]
     assert failures == [
         "partition 1: loss = nan, expected a finite number >= 0",
         "partition 2: num_examples = 0, expected > 0",

@@ -59,6 +59,8 @@ LOOPBACK = "127.0.0.1"
 FAST_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 # Seconds a process gets to exit on SIGTERM before it is killed.
 STOP_GRACE = 10.0
+# Passes of stopping: each stops what the previous one's processes started.
+STOP_PASSES = 3
 # A bound, not a measured limit: every SuperNode is a process on this one machine
 # that starts a PyTorch ClientApp process per message (10 SuperNodes on 2 cores
 # took 285 s for one round). 64 leaves room for big machines and stops a typo
@@ -174,6 +176,7 @@ class _Pinned:
     pid: int
     start_time: int
     pidfd: int | None
+    group: int
 
     def running(self) -> bool:
         """Whether it has not exited yet."""
@@ -193,8 +196,8 @@ class _Pinned:
             os.close(self.pidfd)
 
 
-def _pin(pid: int, start_time: int) -> _Pinned | None:
-    """Return the process `pid` if it is still the one started at `start_time`."""
+def _pin(pid: int, info: _ProcInfo) -> _Pinned | None:
+    """Return the process `pid` if it is still the one `info` describes."""
     try:
         pidfd: int | None = os.pidfd_open(pid)
     except OSError as ex:
@@ -203,8 +206,8 @@ def _pin(pid: int, start_time: int) -> _Pinned | None:
         pidfd = None
     # Checked after opening: the pidfd holds whatever process had the PID then,
     # and a later process cannot have the start time of an earlier one.
-    if _running(pid, start_time):
-        return _Pinned(pid, start_time, pidfd)
+    if _running(pid, info.start_time):
+        return _Pinned(pid, info.start_time, pidfd, info.pgid)
     if pidfd is not None:
         os.close(pidfd)
     return None
@@ -263,8 +266,37 @@ def _pin_trees(records: Sequence[ProcessRecord], boot_id: str) -> list[_Pinned]:
             if child not in chosen:
                 chosen.add(child)
                 stack.append(child)
-    pinned = (_pin(pid, table[pid].start_time) for pid in chosen)
+    pinned = (_pin(pid, table[pid]) for pid in chosen)
     return [process for process in pinned if process is not None]
+
+
+def _terminate(procs: Sequence[_Pinned]) -> list[int]:
+    """SIGTERM `procs`, SIGKILL those left after STOP_GRACE; return the killed."""
+    try:
+        for proc in procs:
+            proc.send(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(p.running() for p in procs):
+            time.sleep(0.2)
+        killed = [p for p in procs if p.running()]
+        for proc in killed:
+            proc.send(signal.SIGKILL)
+    finally:
+        for proc in procs:
+            proc.close()
+    return [p.pid for p in killed]
+
+
+def _groups(procs: Sequence[_Pinned]) -> list[ProcessRecord]:
+    """Return the process groups of `procs`, as records of exited leaders.
+
+    `_pin_trees` then takes members that run Flower's programs and started no
+    earlier than the group's first process stopped.
+    """
+    first: dict[int, int] = {}
+    for proc in procs:
+        first[proc.group] = min(first.get(proc.group, proc.start_time), proc.start_time)
+    return [ProcessRecord(group, start, ()) for group, start in first.items()]
 
 
 @dataclass
@@ -379,23 +411,20 @@ class Deployment:
         after STOP_GRACE seconds. Returns the PIDs that had to be killed.
         """
         chosen = [n for n in self.processes if names is None or n in names]
-        procs = _pin_trees([self.processes[n] for n in chosen], self.boot_id)
-        try:
-            for proc in procs:
-                proc.send(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE
-            while time.monotonic() < deadline and any(p.running() for p in procs):
-                time.sleep(0.2)
-            killed = [p for p in procs if p.running()]
-            for proc in killed:
-                proc.send(signal.SIGKILL)
-        finally:
-            for proc in procs:
-                proc.close()
+        records = [self.processes[n] for n in chosen]
+        killed: list[int] = []
+        # A process that one being stopped starts meanwhile (a SuperExec starts a
+        # ClientApp per message) is in no tree pinned before, but in a group seen.
+        for _ in range(STOP_PASSES):
+            procs = _pin_trees(records, self.boot_id)
+            if not procs:
+                break
+            killed += _terminate(procs)
+            records += _groups(procs)
         for name in chosen:
             del self.processes[name]
         self.save()
-        return [p.pid for p in killed]
+        return killed
 
     def add_connection(self) -> None:
         """Add (or replace) the deployment's connection in the Flower Configuration."""

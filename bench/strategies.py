@@ -1,6 +1,7 @@
 """Compare Flower's strategies on non-IID data: which closes the gap to IID.
 
-    python experiments/compare_strategies.py --dataset /abs/path/to/cifar10
+    python bench/strategies.py --dataset /abs/path/to/cifar10 \
+        --output-dir outputs/strategies
 
 runs the tutorial's federation (10 organizations, FedAvg's fractions, 1 CPU per
 client) for 10 rounds on a Dirichlet(0.3) split with each strategy, sweeping the
@@ -12,11 +13,11 @@ docs/strategies.png. Takes about 20 minutes on 2 cores.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from pathlib import Path
 from typing import Any
+
+import federations  # bench/
+from federations import write_between_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 10
@@ -40,36 +41,6 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_all(dataset: str, output_dir: Path) -> dict[str, dict[str, Any]]:
-    """Run every configuration (a fresh process each); return their histories."""
-    import subprocess
-    import sys
-
-    histories = {}
-    for name, overrides in RUNS.items():
-        config = (
-            {"dataset": dataset, "num-server-rounds": ROUNDS, "seed": 42}
-            | NON_IID
-            | overrides
-            | {"output-dir": str(output_dir / name.replace(" ", "_"))}
-        )
-        code = (
-            "from flower_tutorial.simulation import run_tutorial_simulation\n"
-            f"print(run_tutorial_simulation(num_supernodes=10, run_config={config!r}))"
-        )
-        env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-        run_dir = Path(done.stdout.strip().splitlines()[-1])
-        histories[name] = json.loads((run_dir / "history.json").read_text())
-        accuracy = histories[name]["rounds"][-1]["centralized_accuracy"]
-        print(f"{name}: {accuracy:.1%}", flush=True)
-    return histories
-
-
 def write_report(histories: dict[str, dict[str, Any]]) -> None:
     """Write the table into docs/strategies.md and the plot, docs/strategies.png."""
     import matplotlib
@@ -87,19 +58,16 @@ def write_report(histories: dict[str, dict[str, Any]]) -> None:
             f"| {name} | {curve[5]:.1%} | **{curve[-1]:.1%}** | {max(curve):.1%} "
             f"| {last['centralized_loss']:.3f} | {gap * 100:+.1f} |"
         )
-    table = "\n".join(rows)
-    page = ROOT / "docs" / "strategies.md"
-    text = page.read_text()
-    start, end = (
-        "<!-- table: written by experiments/compare_strategies.py -->",
-        ("<!-- end of table -->"),
+    header = (
+        f"| run | centralized acc, round 5 | round {ROUNDS} | best "
+        f"| loss, round {ROUNDS} | gap to IID, points |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |"
     )
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    page.write_text(
-        f"{before}{start}\n| run | centralized acc, round 5 | round {ROUNDS} | best "
-        f"| loss, round {ROUNDS} | gap to IID, points |\n| --- | ---: | ---: | ---: "
-        f"| ---: | ---: |\n{table}\n{end}{after}"
+    write_between_markers(
+        ROOT / "docs" / "strategies.md",
+        "<!-- table: written by bench/strategies.py -->",
+        "<!-- end of table -->",
+        header + "\n" + "\n".join(rows),
     )
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for name in _best_of_each(histories):
@@ -139,18 +107,10 @@ def _final(history: dict[str, Any]) -> float:
     return history["rounds"][-1]["centralized_accuracy"]
 
 
-def main() -> None:
-    """Run the comparison and write its report."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="a local CIFAR-10 folder")
-    parser.add_argument(
-        "--output-dir", type=Path, default=ROOT / "outputs" / "strategies"
-    )
-    args = parser.parse_args()
-    histories = run_all(str(Path(args.dataset).resolve()), args.output_dir.resolve())
-    (args.output_dir / "histories.json").write_text(json.dumps(histories, indent=1))
-    write_report(histories)
-
-
 if __name__ == "__main__":
-    main()
+    federations.main(
+        __doc__.splitlines()[0],
+        RUNS,
+        {"num-server-rounds": ROUNDS, "seed": 42} | NON_IID,
+        write_report,
+    )

@@ -1,0 +1,82 @@
+"""Run the app's federations for the result scripts (bench/strategies.py, privacy.py).
+
+Each run is an ordinary run of the app, in a fresh process: its own folder,
+history.json, models and TensorBoard events under the output folder given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def run_federation(run_config: dict[str, Any], num_supernodes: int = 10) -> dict:
+    """Simulate one federation with `run_config` overrides; return its history."""
+    code = (
+        "from flower_tutorial.simulation import run_tutorial_simulation\n"
+        f"print(run_tutorial_simulation({num_supernodes}, run_config={run_config!r}))"
+    )
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the run failed:\n{done.stderr[-3000:]}")
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    return json.loads((run_dir / "history.json").read_text())
+
+
+def write_between_markers(path: Path, start: str, end: str, text: str) -> None:
+    """Replace what stands between the lines `start` and `end` in `path`."""
+    page = path.read_text()
+    before, rest = page.split(start, 1)
+    _, after = rest.split(end, 1)
+    path.write_text(f"{before}{start}\n{text}\n{end}{after}")
+
+
+def run_named(
+    runs: dict[str, dict[str, Any]], base: dict[str, Any], output_dir: Path
+) -> dict[str, dict]:
+    """Run each named configuration (`base` | its overrides); return the histories."""
+    histories = {}
+    for name, overrides in runs.items():
+        folder = "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+        config = base | overrides | {"output-dir": str(output_dir / folder)}
+        histories[name] = run_federation(config)
+        accuracy = histories[name]["rounds"][-1]["centralized_accuracy"]
+        print(f"{name}: {accuracy:.1%}", flush=True)
+    return histories
+
+
+def main(
+    description: str,
+    runs: dict[str, dict[str, Any]],
+    base: dict[str, Any],
+    write_report: Callable[[dict[str, dict]], None],
+) -> None:
+    """Command line of a result script: run `runs` on --dataset, write the report.
+
+    The histories are kept in --output-dir/histories.json; with --report-only, the
+    report is drawn again from them.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dataset", help="a local CIFAR-10 folder (absolute)")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    saved = args.output_dir / "histories.json"
+    if args.report_only:
+        histories = json.loads(saved.read_text())
+    elif not args.dataset:
+        parser.error("--dataset is required, unless --report-only")
+    else:
+        dataset = str(Path(args.dataset).resolve())
+        histories = run_named(runs, base | {"dataset": dataset}, args.output_dir)
+        saved.write_text(json.dumps(histories, indent=1))
+    write_report(histories)
