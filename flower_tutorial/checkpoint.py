@@ -21,9 +21,10 @@ from flwr.server.strategy import Strategy
 
 CHECKPOINT = "checkpoint.pt"
 # What Flower's strategies and DP wrappers change as rounds go by: FedAdam's,
-# FedYogi's and FedAdagrad's moments, FedAvgM's momentum, adaptive clipping's norm.
-# Their current model is the checkpoint's model, which they are built from.
-STRATEGY_STATE = ("m_t", "v_t", "momentum_vector", "clipping_norm")
+# FedYogi's and FedAdagrad's moments and their own copy of the model (in float64,
+# more precise than the float32 model sent out), FedAvgM's momentum, adaptive
+# clipping's norm. FedAvgM's model is the checkpoint's, which it is built from.
+STRATEGY_STATE = ("m_t", "v_t", "current_weights", "momentum_vector", "clipping_norm")
 
 
 @dataclass

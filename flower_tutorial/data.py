@@ -7,6 +7,8 @@ Datasets, checks its schema and decodes each split once per process.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache, lru_cache
 from io import BytesIO
 from pathlib import Path
@@ -50,6 +52,21 @@ def dataset_source(dataset: str) -> str:
             "existing folder holding the dataset in the hub's layout."
         )
     return dataset
+
+
+@contextmanager
+def hub_errors(dataset: str) -> Iterator[None]:
+    """Turn "the hub cannot be reached" into what to do about it, in a few lines."""
+    try:
+        yield
+    except ConnectionError as ex:
+        raise ConnectionError(
+            f"run config key 'dataset' = {dataset!r}: the Hugging Face hub cannot be "
+            f"reached from this machine ({ex}). Download it where the hub can be "
+            "reached, or set 'dataset' to a local copy in the hub's layout (a folder "
+            "with plain_text/train-*.parquet and test-*.parquet): flwr run . "
+            "--run-config 'dataset=\"/abs/path/to/cifar10\"' (docs/configuration.md)."
+        ) from None
 
 
 def data_cache(data: DataSettings) -> DecodedCache:
@@ -159,7 +176,10 @@ def load_partition(
     partition_id: int, num_partitions: int, data: DataSettings
 ) -> Dataset:
     """Return one organization's raw partition (PIL images, integer labels)."""
-    partition = _federated_dataset(data, num_partitions).load_partition(partition_id)
+    with hub_errors(data.dataset):
+        partition = _federated_dataset(data, num_partitions).load_partition(
+            partition_id
+        )
     check_schema(partition, data.dataset)
     if len(partition) < 2:
         raise ValueError(
@@ -314,7 +334,8 @@ def decoded_test_split(data: DataSettings, device: str) -> Decoded:
     def build() -> Decoded:
         from datasets import load_dataset
 
-        split = load_dataset(dataset_source(data.dataset), split="test")
+        with hub_errors(data.dataset):
+            split = load_dataset(dataset_source(data.dataset), split="test")
         check_schema(split, data.dataset)
         return Decoded({"test": decode(split)}, _names(split))
 
@@ -329,7 +350,8 @@ def train_split_size(data: DataSettings) -> int:
     """Return how many images the train split holds (an upper bound per client)."""
     from datasets import load_dataset
 
-    return load_dataset(dataset_source(data.dataset), split="train").num_rows
+    with hub_errors(data.dataset):
+        return load_dataset(dataset_source(data.dataset), split="train").num_rows
 
 
 def label_counts(data: DataSettings, num_partitions: int) -> np.ndarray:
@@ -350,9 +372,10 @@ def label_counts(data: DataSettings, num_partitions: int) -> np.ndarray:
         labels = [torch.cat([y for _, y in c.splits.values()]) for c in cached]
         return np.stack([np.bincount(y, minlength=NUM_CLASSES) for y in labels])
     fds = _federated_dataset(data, num_partitions)
-    return np.stack(
-        [
-            np.bincount(fds.load_partition(pid)[LABEL_KEY], minlength=NUM_CLASSES)
-            for pid in range(num_partitions)
-        ]
-    )
+    with hub_errors(data.dataset):
+        return np.stack(
+            [
+                np.bincount(fds.load_partition(pid)[LABEL_KEY], minlength=NUM_CLASSES)
+                for pid in range(num_partitions)
+            ]
+        )

@@ -154,13 +154,17 @@ def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
 
     Fails if a child outlives `timeout` or leaves processes behind. Whatever the
     children started (Ray's GCS, raylet, workers) is stopped by PID at teardown,
-    also when the test fails or times out. With `interrupt_when`, the child gets
-    SIGINT (Ctrl-C) as soon as that file exists.
+    also when the test fails or times out. As soon as `interrupt_when()` holds, the
+    child gets `interrupt_with`: SIGINT is Ctrl-C; SIGKILL goes to the whole tree
+    of processes at once, as when a machine loses power.
     """
     _set_child_subreaper()
 
     def run(
-        code: str, timeout: float, interrupt_when: Path | None = None
+        code: str,
+        timeout: float,
+        interrupt_when: Callable[[], bool] | None = None,
+        interrupt_with: int = signal.SIGINT,
     ) -> tuple[int, str]:
         # A file, not a pipe: a grandchild holding a pipe open would block reading.
         with tempfile.TemporaryFile("w+") as log:
@@ -170,11 +174,14 @@ def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
             deadline = time.monotonic() + timeout
             try:
                 if interrupt_when is not None:
-                    while not interrupt_when.exists() and proc.poll() is None:
+                    while not interrupt_when() and proc.poll() is None:
                         time.sleep(0.2)
                         if time.monotonic() > deadline:
                             raise subprocess.TimeoutExpired(proc.args, timeout)
-                    proc.send_signal(signal.SIGINT)
+                    proc.send_signal(interrupt_with)
+                    if interrupt_with == signal.SIGKILL:
+                        proc.wait()  # before the sweep can reap it
+                        _kill_descendants()
                 proc.wait(timeout=max(deadline - time.monotonic(), 0))
                 timed_out = False
             except subprocess.TimeoutExpired:

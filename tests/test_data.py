@@ -290,3 +290,14 @@ def test_large_images_are_refused_before_any_is_decoded(
     monkeypatch.setattr(pipeline, "decode", lambda split: pytest.fail("decoded"))
     with pytest.raises(ValueError, match=r"image 0 is 512x512 pixels, the CNN takes"):
         task.load_local_data(folder, data_settings(cifar_dir))
+
+
+def test_an_unreachable_hub_says_which_key_to_set():
+    # The tests run with HF_HUB_OFFLINE (conftest): the hub cannot be reached.
+    hub = data_settings("uoft-cs/cifar10")
+    with pytest.raises(ConnectionError) as ex:
+        pipeline.decoded_test_split(hub, "cpu")
+    message = str(ex.value)
+    assert "'dataset' = 'uoft-cs/cifar10'" in message
+    assert "local copy" in message and "--run-config" in message
+    assert ex.value.__suppress_context__  # no second traceback from `datasets`

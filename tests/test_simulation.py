@@ -108,7 +108,7 @@ run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
 """
     start = time.monotonic()
     # Before the fix, the process outlived Ray, waiting up to round-timeout (1 h).
-    exit_code, output = run_python(code, timeout=150, interrupt_when=fit_started)
+    exit_code, output = run_python(code, timeout=150, interrupt_when=fit_started.exists)
     assert exit_code != 0
     assert "Ctrl-C: stopping the run" in output
     assert "KeyboardInterrupt: The simulation was stopped by Ctrl-C." in output
