@@ -40,15 +40,36 @@ def write_between_markers(path: Path, start: str, end: str, text: str) -> None:
     path.write_text(f"{before}{start}\n{text}\n{end}{after}")
 
 
+def finished_run(output_dir: Path, run_config: dict[str, Any]) -> dict | None:
+    """Return the history of a finished run in `output_dir` made with `run_config`.
+
+    Runs are reproducible: one that already ended need not run again when a
+    result script is run again, say after it was stopped half-way.
+    """
+    for run_dir in sorted(output_dir.glob("*/")):
+        if not (run_dir / "final_model.pt").is_file():
+            continue
+        history = json.loads((run_dir / "history.json").read_text())
+        saved = history["run_config"]
+        if all(saved.get(k) == v for k, v in run_config.items() if k != "output-dir"):
+            return history
+    return None
+
+
 def run_named(
     runs: dict[str, dict[str, Any]], base: dict[str, Any], output_dir: Path
 ) -> dict[str, dict]:
-    """Run each named configuration (`base` | its overrides); return the histories."""
+    """Run each named configuration (`base` | its overrides); return the histories.
+
+    A run that already finished in its folder (`finished_run`) is not run again.
+    """
     histories = {}
     for name, overrides in runs.items():
         folder = "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
         config = base | overrides | {"output-dir": str(output_dir / folder)}
-        histories[name] = run_federation(config)
+        histories[name] = finished_run(output_dir / folder, config) or run_federation(
+            config
+        )
         accuracy = histories[name]["rounds"][-1]["centralized_accuracy"]
         print(f"{name}: {accuracy:.1%}", flush=True)
     return histories
