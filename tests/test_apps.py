@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from conftest import NUM_TRAIN, default_run_config, make_split
 from flwr.common import (
     Context,
@@ -11,6 +12,7 @@ from flwr.common import (
 )
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
+from flower_tutorial import task
 from flower_tutorial.client_app import FlowerClient, client_fn
 from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import NodeSettings, RunSettings
@@ -69,11 +71,39 @@ def test_fit_is_reproducible_for_the_same_round(client):
 
 
 def test_evaluate_returns_loss_examples_and_accuracy(client):
-    loss, num_examples, metrics = client.evaluate(get_parameters(Net()), {})
-    assert isinstance(loss, float) and loss > 0
+    net = Net()
+    loss, num_examples, metrics = client.evaluate(get_parameters(net), {})
+    # What the tutorial's `test` gives on the client's validation split.
+    expected_loss, expected_accuracy = task.test(
+        net, client.valloader, torch.device("cpu")
+    )
+    assert loss == expected_loss and metrics == {"accuracy": expected_accuracy}
     assert num_examples == NUM_TRAIN // NUM_PARTITIONS - 48
-    assert set(metrics) == {"accuracy"}
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "setting", [{"local-epochs": 2}, {"learning-rate": 0.05}, {"batch-size": 8}]
+)
+def test_each_training_setting_reaches_fit(run_config, setting):
+    def trained(config: dict) -> list[np.ndarray]:
+        settings = RunSettings.from_run_config(config)
+        node = NodeSettings(partition_id=1, num_partitions=NUM_PARTITIONS)
+        trainloader, valloader = load_data(1, NUM_PARTITIONS, settings.data)
+        client = FlowerClient(Net(), trainloader, valloader, settings, node)
+        parameters, _, _ = client.fit(initial, {"server-round": 1})
+        return parameters
+
+    initial = get_parameters(Net())
+    default, changed = trained(run_config), trained(run_config | setting)
+    assert not all(np.array_equal(a, b) for a, b in zip(default, changed, strict=True))
+
+
+def test_robust_settings_reach_the_strategy(run_config):
+    run_config |= {"aggregation": "krum", "trim-fraction": 0.3, "krum-byzantine": 2}
+    strategy = server_fn(_context(run_config)).strategy
+    assert strategy.aggregation == "krum"
+    assert strategy.trim_fraction == 0.3
+    assert strategy.krum_byzantine == 2
 
 
 def test_client_fn_builds_the_client_of_its_partition(run_config):

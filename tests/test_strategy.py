@@ -1,6 +1,7 @@
 """CheckedStrategy on its own: checks, partition order, robust rules, composition."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,6 +103,68 @@ def test_robust_rules_resist_one_poisoned_update_of_five(
     )
     distance = np.abs(combined - np.mean(clean, axis=0)).max()
     assert bool(distance < 0.5) is resists
+
+
+def _combined(tmp_path, aggregation: str, arrays: list, **settings) -> np.ndarray:
+    """The model a robust rule makes of `arrays` (clients of different sizes).
+
+    The wrapped FedAvg averages copies of the rule's result, weighted: exact to
+    within one float32 ulp (`_same`).
+    """
+    strategy = _strategy(tmp_path, len(arrays), aggregation=aggregation)
+    for name, value in settings.items():
+        setattr(strategy, name, value)
+    results = [
+        (proxy, replace(res, num_examples=10 + 7 * i))
+        for i, (proxy, res) in enumerate(_results(strategy, arrays))
+    ]
+    return _array(strategy.aggregate_fit(1, results, []))
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a and b are equal to within one ulp, everywhere."""
+    return bool(np.all(np.abs(a - b) <= np.spacing(np.abs(b))))
+
+
+def test_median_is_the_coordinatewise_median(tmp_path):
+    rng = np.random.default_rng(2)
+    arrays = [rng.normal(0, 1, SIZE).astype(np.float32) for _ in range(5)]
+    expected = np.median(np.stack(arrays), axis=0)
+    assert _same(_combined(tmp_path, "median", arrays), expected)
+
+
+def test_trimmed_mean_loses_two_poisoned_updates_of_ten(tmp_path):
+    # A 0.2 trim of ten cuts two off each end: both poisoned ones, and the
+    # lowest two clean values of each coordinate.
+    rng = np.random.default_rng(3)
+    clean = np.stack([rng.normal(1, 0.1, SIZE).astype(np.float32) for _ in range(8)])
+    poisoned = [np.full(SIZE, 1e4, np.float32), np.full(SIZE, 5e3, np.float32)]
+    combined = _combined(
+        tmp_path, "trimmed-mean", [*clean, *poisoned], trim_fraction=0.2
+    )
+    expected = np.sort(clean, axis=0)[2:].mean(axis=0)
+    np.testing.assert_allclose(combined, expected, rtol=1e-6)
+    # A trim of 0.1 keeps one poisoned update in the mean.
+    kept = _combined(
+        tmp_path / "b", "trimmed-mean", [*clean, *poisoned], trim_fraction=0.1
+    )
+    assert kept.min() > 100
+
+
+def test_krum_returns_exactly_one_clean_update(tmp_path):
+    rng = np.random.default_rng(4)
+    clean = [rng.normal(1, 0.1, SIZE).astype(np.float32) for _ in range(4)]
+    poisoned = np.full(SIZE, 1e4, np.float32)
+    combined = _combined(tmp_path, "krum", [*clean, poisoned], krum_byzantine=1)
+    assert sum(_same(combined, c) for c in clean) == 1
+
+
+def test_fedavg_weighs_each_client_by_its_examples(tmp_path):
+    arrays = [np.full(SIZE, v, np.float32) for v in (1.0, 2.0, 4.0)]
+    combined = _combined(tmp_path, "fedavg", arrays)
+    sizes = np.array([10, 17, 24])  # as _combined gives them
+    expected = (sizes * np.array([1.0, 2.0, 4.0])).sum() / sizes.sum()
+    np.testing.assert_allclose(combined, np.full(SIZE, expected), rtol=1e-6)
 
 
 def test_shuffled_results_give_the_same_bytes(tmp_path):
