@@ -126,9 +126,9 @@ class RunRecorder:
     ) -> None:
         """Log the round's progress line, keep the best model, write history.json.
 
-        `parameters` is the global model after the round, saved with `state` (what
-        else the next rounds depend on) as the run's checkpoint; after the last
-        round it is saved as final_model.pt, and the plots are drawn.
+        `parameters` is the global model after the round; after the last round it
+        is saved as final_model.pt, and the plots are drawn. Then it is saved with
+        `state` (what else the next rounds depend on) as the run's checkpoint.
         """
         entry = self.rounds.setdefault(server_round, {"round": server_round})
         if server_round == 0 and len(entry) == 1:
@@ -144,8 +144,14 @@ class RunRecorder:
         if self.save_best_model and improved:
             self.best = (accuracy, server_round)
             save_model(_net(parameters), self.run_dir / "best_model.pt")
+        log(INFO, "%s", progress_line(entry, self.num_rounds))
+        self._write_scalars(entry)
+        if server_round == self.num_rounds:
+            self._finish(parameters)
+        self.write_history()
         if state is not None:
-            # After the best model: a resumed run must find the one it names.
+            # Last: a checkpoint says that all of its round is on disk. A run killed
+            # before it resumes from the round before, and redoes this one.
             checkpoint.save(
                 checkpoint.Checkpoint(
                     server_round,
@@ -155,11 +161,6 @@ class RunRecorder:
                 ),
                 self.run_dir,
             )
-        log(INFO, "%s", progress_line(entry, self.num_rounds))
-        self._write_scalars(entry)
-        if server_round == self.num_rounds:
-            self._finish(parameters)
-        self.write_history()
 
     def _write_scalars(self, entry: dict[str, Any]) -> None:
         """Write the round's numbers as TensorBoard scalars, into the run's folder.
