@@ -60,6 +60,18 @@ def data_settings(dataset: Path, **overrides: object) -> DataSettings:
     return DataSettings.from_run_config(config)
 
 
+# Fixtures that start processes: a test using any of them is in the slow tier.
+PROCESS_FIXTURES = {"run_python", "run_python_module", "deploy"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts processes `slow` (fast tier: -m 'not slow')."""
+    for item in items:
+        starts_processes = PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if starts_processes or item.get_closest_marker("deployment"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_HF_HOME, ignore_errors=True)
 
@@ -198,8 +210,9 @@ def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
 
     yield run
 
-    # Give processes that are already exiting a moment, then stop the rest.
-    deadline = time.monotonic() + 15
+    # Ray's workers exit after its driver, in seconds, or in a minute on a loaded
+    # machine; a leak never exits. The wait ends as soon as none is left.
+    deadline = time.monotonic() + 60
     while _live_descendants(os.getpid()) and time.monotonic() < deadline:
         time.sleep(0.5)
     left = _kill_descendants()
