@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 # Set before `datasets` is imported anywhere: no hub, and caches of our own (the
@@ -23,6 +23,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from datasets import ClassLabel, Dataset, Features, Image  # noqa: E402
 from flwr.common.config import get_project_config  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
@@ -102,6 +103,46 @@ def write_hub_layout(root: Path, splits: dict[str, Dataset]) -> Path:
     for name, split in splits.items():
         split.to_parquet(str(root / "plain_text" / f"{name}-00000-of-00001.parquet"))
     return root
+
+
+@pytest.fixture
+def run_config(cifar_dir: Path, tmp_path: Path) -> dict:
+    """The default run config on the synthetic data, with small batches."""
+    return default_run_config() | {
+        "dataset": str(cifar_dir),
+        "batch-size": 16,
+        "output-dir": str(tmp_path / "outputs"),
+    }
+
+
+def first_round_updates(
+    run_config: dict, partition_ids: Iterable[int], num_partitions: int
+) -> list[tuple[list[np.ndarray], int]]:
+    """The round-1 updates (arrays, examples) of these partitions' clients.
+
+    Trained here as each client would in a Ray worker with one CPU, from the
+    initial model that the server makes from the seed.
+    """
+    from flower_tutorial.client_app import FlowerClient
+    from flower_tutorial.config import NodeSettings, RunSettings
+    from flower_tutorial.task import Net, get_parameters, load_data, set_seed
+
+    settings = RunSettings.from_run_config(default_run_config() | run_config)
+    set_seed(settings.seed)
+    initial = get_parameters(Net())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        updates = []
+        for pid in partition_ids:
+            node = NodeSettings(partition_id=pid, num_partitions=num_partitions)
+            train, val = load_data(pid, num_partitions, settings.data)
+            client = FlowerClient(Net(), train, val, settings, node)
+            arrays, n, _ = client.fit(initial, {"server-round": 1})
+            updates.append((arrays, n))
+    finally:
+        torch.set_num_threads(threads)
+    return updates
 
 
 @pytest.fixture(scope="session")

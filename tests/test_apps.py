@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_TRAIN, default_run_config, make_split
+from conftest import NUM_TRAIN, make_split
 from flwr.common import (
     Context,
     GetParametersIns,
@@ -21,15 +21,6 @@ from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import Net, get_parameters, load_data, set_seed
 
 NUM_PARTITIONS = 4
-
-
-@pytest.fixture
-def run_config(cifar_dir, tmp_path) -> dict:
-    return default_run_config() | {
-        "dataset": str(cifar_dir),
-        "batch-size": 16,
-        "output-dir": str(tmp_path / "outputs"),
-    }
 
 
 def _context(run_config: dict, node_config: dict | None = None) -> Context:

@@ -5,11 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import default_run_config
+from conftest import first_round_updates
 
-from flower_tutorial.client_app import FlowerClient
-from flower_tutorial.config import NodeSettings, RunSettings
-from flower_tutorial.task import Net, get_parameters, load_data, set_seed
+from flower_tutorial.task import Net, get_parameters
 
 # Partition -> how its client misbehaves: in `fit` (0-4), or in what it says
 # about itself (5-8, trained honestly); partitions 9 and 10 are sound.
@@ -92,22 +90,7 @@ def _run_config(cifar_dir: Path, out: Path) -> dict:
 
 def _sound_updates(run_config: dict) -> list[tuple[list[np.ndarray], int]]:
     """The round-1 updates of the clients with sound updates, computed here."""
-    settings = RunSettings.from_run_config(default_run_config() | run_config)
-    set_seed(settings.seed)
-    initial = get_parameters(Net())  # the server's initial model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a Ray worker with one CPU
-    try:
-        updates = []
-        for pid in SOUND_UPDATES:
-            node = NodeSettings(partition_id=pid, num_partitions=NODES)
-            train, val = load_data(pid, NODES, settings.data)
-            client = FlowerClient(Net(), train, val, settings, node)
-            arrays, n, _ = client.fit(initial, {"server-round": 1})
-            updates.append((arrays, n))
-    finally:
-        torch.set_num_threads(threads)
-    return updates
+    return first_round_updates(run_config, SOUND_UPDATES, NODES)
 
 
 def _mean(updates: list[tuple[list[np.ndarray], int]], weighted: bool) -> list:

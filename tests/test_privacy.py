@@ -4,8 +4,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from conftest import default_run_config
+from conftest import default_run_config, first_round_updates
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Message, RecordDict
@@ -25,25 +24,15 @@ from flwr.server.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from flower_tutorial.client_app import FlowerClient
 from flower_tutorial.client_app import app as client_app
 from flower_tutorial.client_manager import SeededClientManager
-from flower_tutorial.config import NodeSettings, PrivacySettings, RunSettings
+from flower_tutorial.config import PrivacySettings, RunSettings
 from flower_tutorial.privacy import FixedClipping, PrivacyLedger, noise_multiplier
 from flower_tutorial.recording import RunRecorder
 from flower_tutorial.strategy import CheckedStrategy
-from flower_tutorial.task import Net, get_parameters, load_data, set_seed
+from flower_tutorial.task import Net, get_parameters
 
 OK = Status(Code.OK, "")
-
-
-@pytest.fixture
-def run_config(cifar_dir, tmp_path) -> dict:
-    return default_run_config() | {
-        "dataset": str(cifar_dir),
-        "batch-size": 16,
-        "output-dir": str(tmp_path / "outputs"),
-    }
 
 
 def _fit_message(parameters: list[np.ndarray], config: dict) -> Message:
@@ -260,19 +249,4 @@ run_tutorial_simulation(num_supernodes={nodes}, run_config={run_config!r})
 
 def _trained(run_config: dict, nodes: int) -> list[tuple[list[np.ndarray], int]]:
     """Each node's round-1 update, trained here as its client would."""
-    settings = RunSettings.from_run_config(default_run_config() | run_config)
-    set_seed(settings.seed)
-    initial = get_parameters(Net())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a Ray worker with one CPU
-    try:
-        updates = []
-        for pid in range(nodes):
-            node = NodeSettings(partition_id=pid, num_partitions=nodes)
-            train, val = load_data(pid, nodes, settings.data)
-            client = FlowerClient(Net(), train, val, settings, node)
-            arrays, n, _ = client.fit(initial, {"server-round": 1})
-            updates.append((arrays, n))
-    finally:
-        torch.set_num_threads(threads)
-    return updates
+    return first_round_updates(run_config, range(nodes), nodes)
