@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
-from flwr.server.strategy import FedAvg
+from tutorial_pipeline import tutorial_fedavg  # bench/
 
 from flower_tutorial.task import Net, get_parameters
 
@@ -38,12 +38,8 @@ def make_apps(num_clients: int, rounds: int):  # noqa: ANN201
         return IdleClient().to_client()
 
     def server_fn(context: Context) -> ServerAppComponents:
-        strategy = FedAvg(
-            fraction_fit=1.0,
-            fraction_evaluate=0.5,
-            min_fit_clients=num_clients,
-            min_evaluate_clients=max(1, num_clients // 2),
-            min_available_clients=num_clients,
+        strategy = tutorial_fedavg(
+            num_clients,
             initial_parameters=ndarrays_to_parameters(get_parameters(Net())),
         )
         return ServerAppComponents(

@@ -10,6 +10,8 @@ The model is the app's `Net`, which is the tutorial's CNN.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Context, Metrics
@@ -106,6 +108,18 @@ def weighted_average(metrics: list[tuple[int, Metrics]]) -> Metrics:
     return {"accuracy": sum(accuracies) / sum(examples)}
 
 
+def tutorial_fedavg(num_clients: int, **kwargs: Any) -> FedAvg:
+    """Return the tutorial's FedAvg for `num_clients` clients (plus `kwargs`)."""
+    return FedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.5,
+        min_fit_clients=num_clients,
+        min_evaluate_clients=max(1, num_clients // 2),
+        min_available_clients=num_clients,
+        **kwargs,
+    )
+
+
 def make_apps(dataset: str, num_clients: int, rounds: int):
     """Return the tutorial's (server_fn, client_fn) for this federation."""
 
@@ -116,13 +130,8 @@ def make_apps(dataset: str, num_clients: int, rounds: int):
         return FlowerClient(net, trainloader, valloader).to_client()
 
     def server_fn(context: Context) -> ServerAppComponents:
-        strategy = FedAvg(
-            fraction_fit=1.0,
-            fraction_evaluate=0.5,
-            min_fit_clients=num_clients,
-            min_evaluate_clients=max(1, num_clients // 2),
-            min_available_clients=num_clients,
-            evaluate_metrics_aggregation_fn=weighted_average,
+        strategy = tutorial_fedavg(
+            num_clients, evaluate_metrics_aggregation_fn=weighted_average
         )
         return ServerAppComponents(
             strategy=strategy, config=ServerConfig(num_rounds=rounds)
