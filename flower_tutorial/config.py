@@ -367,6 +367,17 @@ class RunSettings:
                 "the strategy's own server-side step, which would already have seen "
                 "the noiseless mean. Use fedavg or fedprox, or dp = 'local'."
             )
+        z, clients = privacy.dp_noise_multiplier, self.min_fit_clients
+        if privacy.dp == "central-adaptive" and z >= clients / 10:
+            raise ValueError(
+                f"run config key 'dp-noise-multiplier' = {z:g} is not allowed with "
+                f"dp = 'central-adaptive' and min-fit-clients = {clients}: adaptive "
+                "clipping spends part of the noise on the count of clipped updates "
+                f"(standard deviation min-fit-clients / 20), which leaves room for "
+                f"noise multipliers below min-fit-clients / 10 = {clients / 10:g}. "
+                "Use more clients per round, a smaller noise multiplier, or "
+                "dp = 'central-fixed'."
+            )
         return self
 
 

@@ -94,16 +94,27 @@ class AdaptiveClipping(
     """Flower's central DP with client-side adaptive clipping, noise per round."""
 
 
-def with_central_dp(strategy: Strategy, privacy: PrivacySettings) -> Strategy:
-    """Wrap `strategy` in Flower's central-DP wrapper that `privacy.dp` names."""
+def with_central_dp(
+    strategy: Strategy, privacy: PrivacySettings, min_fit_clients: int
+) -> Strategy:
+    """Wrap `strategy` in Flower's central-DP wrapper that `privacy.dp` names.
+
+    Each round notes how many clients it sampled (`_NoiseForTheSampled`); until
+    then, and for adaptive clipping's split of the noise between the update and
+    the count of clipped updates (std min_fit_clients / 20), the wrapper expects
+    `min_fit_clients`, the fewest a round trains.
+    """
     if privacy.dp == "central-fixed":
         return FixedClipping(
-            strategy, privacy.dp_noise_multiplier, privacy.dp_clipping_norm, 1
+            strategy,
+            privacy.dp_noise_multiplier,
+            privacy.dp_clipping_norm,
+            min_fit_clients,
         )
     return AdaptiveClipping(
         strategy,
         privacy.dp_noise_multiplier,
-        1,
+        min_fit_clients,
         initial_clipping_norm=privacy.dp_clipping_norm,
         target_clipped_quantile=privacy.dp_target_clipped_quantile,
         clip_norm_lr=privacy.dp_clip_norm_lr,

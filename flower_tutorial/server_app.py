@@ -158,7 +158,7 @@ def server_fn(context: Context) -> ServerAppComponents:
     )
     privacy = settings.privacy
     if privacy.central_dp:
-        inner = with_central_dp(inner, privacy)
+        inner = with_central_dp(inner, privacy, settings.min_fit_clients)
     # Which clients are sampled is seeded too (see SeededClientManager).
     client_manager = SeededClientManager(settings.node_wait_timeout, settings.seed)
     recorder = RunRecorder(

@@ -129,8 +129,17 @@ def test_bad_run_config_values_are_named(key, value, allowed):
             {"dp": "central-adaptive", "strategy": "fedadam"},
             r"'strategy' = 'fedadam' is not allowed with dp = 'central-adaptive'",
         ),
+        (
+            {
+                "dp": "central-adaptive",
+                "min-fit-clients": 3,
+                "dp-noise-multiplier": 0.3,
+            },
+            r"'dp-noise-multiplier' = 0.3 is not allowed with dp = 'central-adaptive' "
+            r"and min-fit-clients = 3: .* below min-fit-clients / 10 = 0.3",
+        ),
     ],
-    ids=["secagg-robust", "central-dp-robust", "central-dp-fedadam"],
+    ids=["secagg-robust", "central-dp-robust", "central-dp-fedadam", "adaptive-noise"],
 )
 def test_combinations_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

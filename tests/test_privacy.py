@@ -21,13 +21,18 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.strategy import FedAvg
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.supercore.task_identity import TaskIdentity
 
 from flower_tutorial.client_app import app as client_app
 from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import PrivacySettings, RunSettings
-from flower_tutorial.privacy import FixedClipping, PrivacyLedger, noise_multiplier
+from flower_tutorial.privacy import (
+    FixedClipping,
+    PrivacyLedger,
+    noise_multiplier,
+    with_central_dp,
+)
 from flower_tutorial.recording import RunRecorder
 from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import Net, get_parameters
@@ -129,6 +134,24 @@ def test_central_noise_has_the_advertised_deviation(tmp_path):
     noise = np.concatenate(draws)
     assert abs(noise.mean()) < 4 * z * clip / m / math.sqrt(noise.size)
     assert noise.std() == pytest.approx(z * clip / m, rel=0.01)
+
+
+def test_adaptive_clipping_lowers_a_norm_that_clips_nothing(tmp_path):
+    # Every client reports its update within the norm: the noised share of
+    # unclipped updates (about 1) is above the target quantile, so C shrinks.
+    settings = RunSettings.from_run_config(
+        default_run_config() | {"dp": "central-adaptive", "dp-noise-multiplier": 0.5}
+    )
+    dp = with_central_dp(FedAvg(), settings.privacy, settings.min_fit_clients)
+    strategy = _checked(tmp_path, dp, 10, central_dp=True)
+    zeros = ndarrays_to_parameters([np.zeros(10, dtype=np.float32)])
+    np.random.seed(0)
+    assert len(strategy.configure_fit(1, zeros, strategy.client_manager)) == 10
+    updates = _updates(strategy, [[np.zeros(10, np.float32)]] * 10)
+    for _, res in updates:
+        res.metrics[KEY_NORM_BIT] = True
+    assert strategy.aggregate_fit(1, updates, [])[0] is not None
+    assert dp.clipping_norm < settings.privacy.dp_clipping_norm
 
 
 def test_epsilon_grows_and_is_dp_accountings_own(tmp_path):
