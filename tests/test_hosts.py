@@ -51,12 +51,15 @@ NUM_NODES = 2
 NUM_ROUNDS = 5
 CUT = 1  # the SuperNode whose link is cut: it holds partition 1
 ETC_NETNS = Path("/etc/netns")
-# What each wait may take at most on a loaded 2-core machine (a round takes
-# about 10-20 s there: a ClientApp process per message, importing PyTorch).
+# What each wait may take at most. A round with both nodes took 30-90 s on 2
+# cores that a benchmark shared: a ClientApp process per message, importing
+# PyTorch.
 WAIT = 240.0
-# A round with both nodes took 20-60 s here (2 cores, a benchmark beside it); the
-# round without the cut node waits this long for it.
-ROUND_TIMEOUT = 60.0
+# Room for the slowest round seen with both nodes (a node's reply took over 60 s
+# once). It costs nothing in the round without the cut node: the SuperLink
+# answers for a node that missed its heartbeats for 60 s (HEARTBEAT_PATIENCE x
+# 30 s) before this runs out.
+ROUND_TIMEOUT = 120.0
 
 
 @dataclass
@@ -460,8 +463,16 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             os.kill(dep.processes["superlink"].pid, signal.SIGKILL)
             note("SuperLink killed in round", back + 1)
             note("flwr run --stream exit code", _stop(run, 60))
-            _wait("the run's ServerApp gone", lambda: not _serverapps(), 30)
-            note("ServerApp gone; still running", _live_descendants(os.getpid()))
+            # Its ServerApp exits once it notices (it watches its SuperExec, which
+            # watches the SuperLink), unless its threads are still retrying pulls
+            # from the SuperLink: then it lingers, and would join the restarted
+            # SuperLink and go on with the run. An operator stops it first.
+            with contextlib.suppress(AssertionError):
+                _wait("the ServerApp to exit", lambda: not _serverapps(), 20)
+            lingering = _serverapps()
+            for pid in lingering:
+                os.kill(pid, signal.SIGKILL)
+            note("ServerApps that lingered (killed)", lingering)
             _start_superlink(hosts, dep, "superlink-restarted")
             note("SuperLink restarted")
             runs = _run_ids(hosts, dep)
@@ -522,9 +533,11 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
     assert rounds[-1]["fit_clients"] == NUM_NODES, "not both nodes after the restart"
     assert list(rounds[2]["fit_examples"]) == ["0"], rounds[2]
     assert rounds[2]["fit_failures"], "the cut node's failure is not recorded"
-    # Within round-timeout the node either stays silent, or the SuperLink, having
-    # missed two of its heartbeats (60 s), answers for it.
+    # The node stays silent until round-timeout, or the SuperLink answers for it
+    # once it missed its heartbeats for 60 s: whichever comes first.
     (reason,) = rounds[2]["fit_failures"]
     assert "no reply within round-timeout" in reason or "Node Unavailable" in reason
-    assert history["resumed"][0]["after_round"] == completed[-1]
+    # Resumed after the last complete round, the one before the SuperLink died.
+    assert completed[-1] == back
+    assert history["resumed"][0]["after_round"] == back
     assert (run_dir / "final_model.pt").exists()

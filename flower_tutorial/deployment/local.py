@@ -53,7 +53,12 @@ from flower_tutorial.deployment import security
 
 STATE_FILE = "deployment.json"
 LOCK_FILE = "deployment.lock"
+# The SuperLink's state (registered SuperNodes, runs): in a file, it survives a
+# restart of the SuperLink (docs/reliability.md, "SuperLink restart").
+DATABASE_FILE = "superlink.db"
 LOOPBACK = "127.0.0.1"
+# Where a SuperLink reached by a name other than loopback listens: every address.
+ALL_ADDRESSES = "0.0.0.0"
 # A SuperNode's SuperExec asks it for new ClientApp tasks every second by
 # default: up to a second lost per message, twice a round.
 FAST_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
@@ -309,6 +314,8 @@ class Deployment:
     secure: bool
     boot_id: str = field(default_factory=_boot_id)
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
+    # The name or address SuperNodes and `flwr` reach the SuperLink by.
+    host: str = LOOPBACK
 
     @property
     def certs(self) -> Path:
@@ -321,9 +328,14 @@ class Deployment:
         return self.directory / "keys"
 
     @property
+    def database(self) -> Path:
+        """The SuperLink's database file: its state, kept across restarts."""
+        return self.directory / DATABASE_FILE
+
+    @property
     def address(self) -> str:
         """The SuperLink's address, for SuperNodes and `flwr`."""
-        return f"{LOOPBACK}:{self.superlink_port}"
+        return f"{self.host}:{self.superlink_port}"
 
     def save(self) -> None:
         """Record the deployment (after every process started: stop needs all)."""
@@ -536,13 +548,22 @@ def _bin(name: str) -> str:
 
 
 def superlink_argv(deployment: Deployment) -> list[str]:
-    """Return the SuperLink's command line: insecure, or TLS and node auth."""
+    """Return the SuperLink's command line: insecure, or TLS and node auth.
+
+    Its state lives in the deployment's database file, so that a restarted
+    SuperLink knows the registered SuperNodes and the runs.
+    """
     argv = [
         _bin("flower-superlink"),
         "--port",
         str(deployment.superlink_port),
+        "--database",
+        str(deployment.database),
         "--disable-runtime-dependency-installation",
     ]
+    if deployment.host != LOOPBACK:
+        # Flower listens on loopback only by default.
+        argv += ["--host", ALL_ADDRESSES]
     if not deployment.secure:
         return [*argv, "--insecure"]
     files = security.tls_files(deployment.certs)
@@ -583,8 +604,15 @@ def supernode_argv(
     return argv
 
 
+class AlreadyRegisteredError(RuntimeError):
+    """The SuperLink has the public key registered already (its database kept it)."""
+
+
 def register_supernode(deployment: Deployment, private_key: Path) -> int:
-    """Register a SuperNode's public key with the SuperLink; return its node ID."""
+    """Register a SuperNode's public key with the SuperLink; return its node ID.
+
+    AlreadyRegisteredError if it was registered before: Flower refuses a key twice.
+    """
     public_key = security.public_key_path(private_key)
     argv = [_bin("flwr"), "supernode", "register", str(public_key)]
     done = subprocess.run(
@@ -597,6 +625,8 @@ def register_supernode(deployment: Deployment, private_key: Path) -> int:
         reply = json.loads(done.stdout)
     except json.JSONDecodeError:
         reply = {}
+    if "Public key already in use" in str(reply.get("error-message")):
+        raise AlreadyRegisteredError(f"{public_key} is registered already.")
     if not reply.get("success"):
         raise RuntimeError(
             f"`flwr supernode register {public_key}` failed: "
@@ -679,6 +709,7 @@ def _check_reused_files(
     public = [
         directory / STATE_FILE,
         directory / LOCK_FILE,
+        directory / DATABASE_FILE,
         tls.ca_cert,
         tls.server_cert,
         *(security.public_key_path(key) for key in keys),
@@ -812,7 +843,9 @@ def start(
                 key = None
                 if secure:
                     key = _supernode_key(deployment, name)
-                    register_supernode(deployment, key)
+                    # A restart: the SuperLink's database kept the registration.
+                    with contextlib.suppress(AlreadyRegisteredError):
+                        register_supernode(deployment, key)
                 config = node_config(i, num_supernodes, data_paths.get(i))
                 ports[name] = port = free_port()
                 argv = supernode_argv(deployment, config, port, key)
