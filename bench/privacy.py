@@ -52,6 +52,7 @@ def write_report(histories: dict[str, dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     header = (
         f"| run | centralized acc, round {ROUNDS} | epsilon at delta = 1e-5 "
@@ -65,18 +66,19 @@ def write_report(histories: dict[str, dict[str, Any]]) -> None:
         f"{header}\n{rows}",
     )
     fig, (accuracy, spent) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
-    for name, history in histories.items():
+    for (name, history), color in zip(
+        histories.items(), plt.get_cmap("tab10").colors, strict=False
+    ):
         rounds = history["rounds"]
+        style = {"marker": "o", "markersize": 3, "label": name, "color": color}
         accuracy.plot(
             [r["round"] for r in rounds],
             [r["centralized_accuracy"] for r in rounds],
-            marker="o",
-            markersize=3,
-            label=name,
+            **style,
         )
         points = [(r["round"], r["epsilon"]) for r in rounds if "epsilon" in r]
         if points:
-            spent.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+            spent.plot(*zip(*points, strict=True), **style)
     accuracy.set(
         xlabel="round",
         ylabel="centralized accuracy (test split)",
@@ -89,6 +91,7 @@ def write_report(histories: dict[str, dict[str, Any]]) -> None:
         title="Privacy spent (Flower's RDP accountant)",
     )
     for ax in (accuracy, spent):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
