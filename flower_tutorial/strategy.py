@@ -96,6 +96,7 @@ class CheckedStrategy(Strategy):
         self.last_round = recorder.num_rounds  # earlier, if the privacy budget ends
         self._sent: NDArrays = []  # the global model sent out for training
         self._asked = 0  # clients asked to train this round
+        self._fit_ended = True  # whether this round's training reached aggregate_fit
         self._global: Parameters | None = None  # the model after this round
 
     def __repr__(self) -> str:
@@ -133,6 +134,7 @@ class CheckedStrategy(Strategy):
             server_round, parameters, client_manager
         )
         self._asked = len(instructions)
+        self._fit_ended = not instructions  # no one asked: Flower skips aggregate_fit
         self.recorder.record_federation(
             self.client_manager.num_partitions,
             list(self.client_manager.unidentified.values()),
@@ -165,6 +167,7 @@ class CheckedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Combine the sound updates; record the others with their reasons."""
+        self._fit_ended = True
         if self.secure_aggregation:  # every result carries the same aggregate
             check = check_fit_report
         else:
@@ -236,10 +239,27 @@ class CheckedStrategy(Strategy):
             good = [(proxy, replace(res, parameters=combined)) for proxy, res in good]
         return good
 
+    def _record_a_halted_fit(self, server_round: int) -> None:
+        """Record a round whose training never reached aggregate_fit.
+
+        SecAgg+ halts a round (and never calls aggregate_fit) when a client leaves
+        between its stages and too few shares come back to unmask the sum.
+        """
+        if self._fit_ended:
+            return
+        self._fit_ended = True
+        why = (
+            "secure aggregation halted before the sum was unmasked: clients left "
+            "between its stages, or too few shares came back (see the log)"
+        )
+        log(WARNING, "Round %s: no update, the model stays: %s", server_round, why)
+        self.recorder.record(server_round, fit_clients=0, fit_voided=why)
+
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         """Evaluate centrally (if the inner strategy does) and record the result."""
+        self._record_a_halted_fit(server_round)
         # Round 0 evaluates the initial model: a resumed run has it on record.
         if self.first_round > 1 if server_round == 0 else self._done(server_round):
             return None
@@ -259,6 +279,7 @@ class CheckedStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Ask clients to evaluate; without any (fraction-evaluate 0) the round ends."""
+        self._record_a_halted_fit(server_round)
         if self._done(server_round):
             return []
         self._global = parameters

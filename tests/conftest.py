@@ -251,9 +251,18 @@ def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
 
     yield run
 
-    # Ray's workers exit after its driver, in seconds, or in a minute on a loaded
-    # machine; a leak never exits. The wait ends as soon as none is left.
-    deadline = time.monotonic() + 60
+    assert_nothing_left()
+
+
+def assert_nothing_left(grace: float = 60.0) -> None:
+    """Fail if a process this test started outlives `grace` s (then kill it).
+
+    Helpers exit on their own once what started them has: Ray's workers after its
+    driver, Python's multiprocessing resource tracker after its ClientApp process;
+    in seconds, or in a minute on a loaded machine. A leak never exits. The wait
+    ends as soon as none is left.
+    """
+    deadline = time.monotonic() + grace
     while _live_descendants(os.getpid()) and time.monotonic() < deadline:
         time.sleep(0.5)
     left = _kill_descendants()

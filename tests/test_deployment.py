@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from conftest import (
     APP_DIR,
-    _kill_descendants,
     _set_child_subreaper,
+    assert_nothing_left,
     make_split,
 )
 from cryptography import x509
@@ -74,9 +74,7 @@ def deploy(tmp_path, monkeypatch) -> Iterator[Callable[..., deployment.Deploymen
     yield start
     for running in started:
         deployment.stop(running.directory)
-    time.sleep(1)
-    left = _kill_descendants()
-    assert not left, f"processes left running by the test (now killed): {left}"
+    assert_nothing_left()
 
 
 def _flwr_run(dep: deployment.Deployment, run_config: dict, timeout: float) -> str:
@@ -172,9 +170,9 @@ def test_secure_aggregation_survives_a_supernode_killed_mid_round(
         "secure-aggregation": True,
         "secagg-num-shares": 3,
         "secagg-reconstruction-threshold": 2,
-        # Long enough for a SecAgg+ stage on a loaded machine; the lost node
-        # costs one such wait.
-        "round-timeout": 45.0,
+        # Long enough for a SecAgg+ stage on a loaded machine (a ClientApp
+        # process per message); the lost node costs one such wait.
+        "round-timeout": 90.0,
     }
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
     log_file = tmp_path / "flwr-run.log"
@@ -205,8 +203,14 @@ def test_secure_aggregation_survives_a_supernode_killed_mid_round(
     # node 1 on its own folder's 60 images (48), node 2 on partition 2.
     assert rounds[1]["fit_examples"] == {"0": 64, "1": 48, "2": 64}
     assert "Secure aggregation" in log
-    assert rounds[2]["fit_clients"] == 2, rounds[2]
-    assert rounds[2]["fit_failures"], "the lost node is not recorded"
+    # Where the kill lands decides: SecAgg+ leaves the lost node out, or, if it
+    # left after sharing its keys and too few shares came back, halts the round.
+    # Either way the round is recorded and the run goes on.
+    if rounds[2]["fit_clients"]:
+        assert rounds[2]["fit_clients"] == 2, rounds[2]
+        assert rounds[2]["fit_failures"], "the lost node is not recorded"
+    else:
+        assert rounds[2]["fit_voided"].startswith("secure aggregation halted")
     assert rounds[3]["fit_clients"] == 2
     accuracy = [r["centralized_accuracy"] for r in rounds]
     assert len(set(accuracy)) > 1  # the model changed: aggregates were taken

@@ -268,3 +268,18 @@ def test_a_round_in_which_no_result_came_in_time_ends_the_run(tmp_path):
         r"no reply within round-timeout",
     ):
         strategy.aggregate_fit(3, [], [expired, expired])
+
+
+def test_a_round_whose_training_never_reached_aggregation_is_recorded(tmp_path):
+    # SecAgg+ halts a round without calling aggregate_fit; the round goes on to
+    # evaluation with the model unchanged, and the record says why.
+    strategy = _strategy(tmp_path, 3)  # round 1 was configured
+    assert strategy.configure_evaluate(1, _sent(), strategy.client_manager)
+    record = strategy.recorder.rounds[1]
+    assert record["fit_clients"] == 0
+    assert record["fit_voided"].startswith("secure aggregation halted")
+    # A round whose training was aggregated records no such thing.
+    strategy.configure_fit(2, _sent(), strategy.client_manager)
+    strategy.aggregate_fit(2, _results(strategy, [np.ones(SIZE, np.float32)] * 3), [])
+    strategy.configure_evaluate(2, _sent(), strategy.client_manager)
+    assert "fit_voided" not in strategy.recorder.rounds[2]
