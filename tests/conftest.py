@@ -180,13 +180,38 @@ def _live_descendants(root: int) -> dict[int, str]:
         children.setdefault(int(ppid), []).append(pid)
         info[pid] = (state, name)
     found: dict[int, str] = {}
-    stack = list(children.get(root, []))
+    stack = [pid for pid in children.get(root, []) if pid not in _own_helpers()]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
         if info[pid][0] != "Z":
-            found[pid] = info[pid][1]
+            found[pid] = _command(pid, info[pid][1])
     return found
+
+
+def _own_helpers() -> set[int]:
+    """PIDs of this process's own multiprocessing helpers, which live as long as it.
+
+    A test that used multiprocessing in this process (the data cache's lock test)
+    leaves its resource tracker (and forkserver) running: not a test's leftover.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    pids = {
+        getattr(resource_tracker._resource_tracker, "_pid", None),
+        getattr(forkserver._forkserver, "_forkserver_pid", None),
+    }
+    return {pid for pid in pids if pid is not None}
+
+
+def _command(pid: int, name: str) -> str:
+    """The command line of `pid` (shortened), or `name` if it cannot be read."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return name
+    line = " ".join(a.decode(errors="replace") for a in argv if a)
+    return line[:300] or name
 
 
 def _kill_descendants() -> dict[int, str]:
