@@ -50,6 +50,17 @@ NUM_TEST = 60
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
+# The first lines of a child's code that runs its simulations without Ray (see
+# tests/inprocess.py); `in_process(workers)` for ClientApps that may hang.
+def in_process(workers: int = 1) -> str:
+    """Code that makes the child's simulations run their ClientApps in threads."""
+    return (
+        f"import sys; sys.path.insert(0, {str(APP_DIR / 'tests')!r})\n"
+        f"from inprocess import use_in_process_backend\n"
+        f"use_in_process_backend({workers})\n"
+    )
+
+
 def default_run_config() -> dict:
     """The run config of pyproject.toml, as `flwr run` reads it."""
     return dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import first_round_updates
+from conftest import first_round_updates, in_process
 
 from flower_tutorial.task import Net, get_parameters
 
@@ -105,7 +105,7 @@ def test_faulty_and_lying_clients_are_left_out_and_the_run_goes_on(
     run_python, cifar_dir, tmp_path
 ):
     run_config = _run_config(cifar_dir, tmp_path)
-    code = f"""{FAULTY_CLIENT_FN}
+    code = f"""{in_process()}{FAULTY_CLIENT_FN}
 from flower_tutorial.simulation import run_tutorial_simulation
 run_tutorial_simulation(num_supernodes={NODES}, run_config={run_config!r},
                         client_fn=faulty_client_fn)
@@ -161,21 +161,22 @@ run_tutorial_simulation(num_supernodes={NODES}, run_config={run_config!r},
     )
 
 
-# Long enough for round 1 (which also starts the clients) even on a loaded machine.
-ROUND_TIMEOUT = 40.0
+# Round 1 of two clients training on a few dozen images decoded beforehand, in
+# this process: well under a second, so a loaded machine has ten times the time.
+ROUND_TIMEOUT = 10.0
 SLOW_CLIENT_FN = f"""
 import time
 from flower_tutorial.client_app import client_fn as app_client_fn
 
 def slow_client_fn(context):
-    # In round 2, partition 1 replies 15 s after the round-timeout.
+    # In round 2, partition 1 replies 5 s after the round-timeout.
     numpy_client = app_client_fn(context).numpy_client
     partition_id = int(context.node_config["partition-id"])
     sound_fit = numpy_client.fit
 
     def fit(parameters, config):
         if int(config["server-round"]) == 2 and partition_id == 1:
-            time.sleep({ROUND_TIMEOUT + 15})
+            time.sleep({ROUND_TIMEOUT + 5})
         return sound_fit(parameters, config)
 
     numpy_client.fit = fit
@@ -193,8 +194,15 @@ def test_a_late_result_is_left_out_and_the_round_goes_on(
         "min-available-clients": 2,
         "round-timeout": ROUND_TIMEOUT,
     }
-    code = f"""{SLOW_CLIENT_FN}
+    # In-process ClientApps in two threads: one hangs while the other replies.
+    code = f"""{in_process(workers=2)}{SLOW_CLIENT_FN}
+from flower_tutorial.config import app_run_config, DataSettings
 from flower_tutorial.simulation import run_tutorial_simulation
+from flower_tutorial.task import load_data
+
+data = DataSettings.from_run_config(app_run_config({run_config!r}))
+for partition_id in range(2):  # decoded once here, kept in memory for the run
+    load_data(partition_id, 2, data)
 run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
                         client_fn=slow_client_fn)
 """
@@ -206,4 +214,4 @@ run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
     assert rounds[2]["fit_clients"] == 1
     (reason,) = rounds[2]["fit_failures"]
     assert reason.startswith("no reply within round-timeout"), reason
-    assert rounds[2]["seconds"] < ROUND_TIMEOUT + 15  # it did not wait for it
+    assert rounds[2]["seconds"] < ROUND_TIMEOUT + 5  # it did not wait for it

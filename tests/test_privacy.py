@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import default_run_config, first_round_updates
+from conftest import default_run_config, first_round_updates, in_process
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Message, RecordDict
@@ -243,7 +243,7 @@ def test_secure_aggregation_gives_fedavg_without_showing_an_update(
         "output-dir": str(tmp_path / "out"),
     }
     seen = tmp_path / "seen.npy"
-    code = f"""OUT = {str(seen)!r}
+    code = f"""{in_process()}OUT = {str(seen)!r}
 {SPY}
 from flower_tutorial.simulation import run_tutorial_simulation
 run_tutorial_simulation(num_supernodes={nodes}, run_config={run_config!r})

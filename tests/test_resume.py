@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import default_run_config
+from conftest import default_run_config, in_process
 
 from flower_tutorial import checkpoint
 from flower_tutorial.server_app import server_fn
@@ -31,14 +31,33 @@ RUN = {
 }
 
 
-def _code(cifar_dir: Path, runs: dict[str, dict]) -> str:
-    """Code that simulates the named runs (3 nodes) one after the other."""
-    return f"""
+def _code(cifar_dir: Path, runs: dict[str, dict], hold_round: int = 0) -> str:
+    """Code that simulates the named runs (3 nodes, in process) one after another.
+
+    With `hold_round`, every client waits a minute before it trains in that round,
+    so that a kill meant for that round lands in it.
+    """
+    return f"""{in_process()}
+import time
+from flower_tutorial.client_app import client_fn as app_client_fn
 from flower_tutorial.simulation import run_tutorial_simulation
+
+def held_client_fn(context):
+    numpy_client = app_client_fn(context).numpy_client
+    sound_fit = numpy_client.fit
+
+    def fit(parameters, config):
+        if int(config["server-round"]) == {hold_round}:
+            time.sleep(60)
+        return sound_fit(parameters, config)
+
+    numpy_client.fit = fit
+    return numpy_client.to_client()
 
 base = {RUN | {"dataset": str(cifar_dir)}!r}
 for overrides in {list(runs.values())!r}:
-    run_tutorial_simulation(num_supernodes=3, run_config=base | overrides)
+    run_tutorial_simulation(num_supernodes=3, run_config=base | overrides,
+                            client_fn=held_client_fn)
 """
 
 
@@ -73,7 +92,7 @@ def runs(run_python_module, cifar_dir, tmp_path_factory) -> dict[str, Path]:
     assert code == 0, output[-4000:]
     # Killed, with all its processes, once round 1 is on record: during round 2.
     code, output = run_python_module(
-        _code(cifar_dir, {"killed": {"output-dir": str(out["killed"])}}),
+        _code(cifar_dir, {"killed": {"output-dir": str(out["killed"])}}, 2),
         300,
         interrupt_when=lambda: _has_checkpoint(out["killed"]),
         interrupt_with=signal.SIGKILL,

@@ -1,4 +1,10 @@
-"""What a run leaves behind, reproducibility and resuming (four small simulations)."""
+"""What a run leaves behind, reproducibility and resuming (small simulations).
+
+Most runs go through Flower's Simulation Runtime with in-process ClientApps
+(tests/inprocess.py); run "b" repeats run "a" on Ray in another process, so one
+comparison shows that runs are reproducible across processes and that the
+in-process runs are the runs `run_tutorial_simulation` makes on Ray.
+"""
 
 import json
 import struct
@@ -6,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import data_settings
+from conftest import data_settings, in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from flower_tutorial import task
@@ -16,15 +22,19 @@ from flower_tutorial.task import Net, load_test_data
 ROUNDS = 2
 
 
+RUN_DIR = "RUN_DIR "  # a line the child prints: RUN_DIR <name>=<folder returned>
+
+
 def _simulations(root: Path, cifar_dir: Path, runs: dict[str, tuple[int, dict]]) -> str:
     """Code that runs named simulations one after the other in one process.
 
     A run whose name starts with "workflow" runs the app's components (server_fn's
     strategy, client manager and config) under Flower's DefaultWorkflow, the loop
     that SecAgg+ needs, instead of the legacy Server that `ServerApp(server_fn)`
-    drives.
+    drives. Runs named in RAY_RUNS run on Ray, the others in process.
     """
-    return f"""
+    return f"""{in_process()}
+from inprocess import use_in_process_backend, use_ray_backend
 from dataclasses import replace
 from pathlib import Path
 from flwr.client import ClientApp
@@ -73,10 +83,13 @@ for name, (num_supernodes, overrides) in {runs!r}.items():
     if "initial-checkpoint" in config:
         (saved,) = (root / config["initial-checkpoint"]).iterdir()
         config["initial-checkpoint"] = str(saved / "final_model.pt")
+    use_ray_backend() if name in {RAY_RUNS!r} else use_in_process_backend()
     if name.startswith("workflow"):
         run_under_default_workflow(num_supernodes, config)
     else:
-        run_tutorial_simulation(num_supernodes=num_supernodes, run_config=config)
+        run_dir = run_tutorial_simulation(num_supernodes=num_supernodes,
+                                          run_config=config)
+        print({RUN_DIR!r} + name + "=" + str(run_dir), flush=True)
 """
 
 
@@ -89,12 +102,17 @@ SUBSET = {
 }
 
 
+RAY_RUNS = {"b"}
+
+
 @pytest.fixture(scope="module")
-def runs(run_python_module, cifar_dir, tmp_path_factory) -> dict[str, Path]:
-    """Run folders of small simulations, by name (see the dicts below).
+def logs_and_runs(
+    run_python_module, cifar_dir, tmp_path_factory
+) -> tuple[list[str], dict[str, Path]]:
+    """The logs of the two child processes, and run folders by name (see below).
 
     b and g repeat a and f in a second process, so determinism is checked across
-    processes, not only within one.
+    processes, not only within one; b on Ray, a in process.
     """
     root = tmp_path_factory.mktemp("runs")
     first = {
@@ -118,13 +136,42 @@ def runs(run_python_module, cifar_dir, tmp_path_factory) -> dict[str, Path]:
             {"seed": 1, "strategy": "fedadam", "server-learning-rate": 0.01},
         ),
     }
-    second = {"b": (3, {"seed": 1}), "g": (4, SUBSET), "workflow": (3, {"seed": 1})}
+    first["workflow"] = (3, {"seed": 1})
+    second = {"b": (3, {"seed": 1}), "g": (4, SUBSET)}
+    logs = []
     for batch in (first, second):
         code, output = run_python_module(_simulations(root, cifar_dir, batch), 500)
         assert code == 0, output[-4000:]
         assert f"[round {ROUNDS}/{ROUNDS}]" in output  # the per-round progress line
-    names = [*first, *second]
-    return {name: next((root / name).iterdir()) for name in names}
+        logs.append(output)
+    found = {name: next((root / name).iterdir()) for name in [*first, *second]}
+    # run_tutorial_simulation returns the folder the run wrote.
+    returned = {
+        name: Path(folder)
+        for name, folder in (
+            line.removeprefix(RUN_DIR).split("=", 1)
+            for line in "".join(logs).splitlines()
+            if line.startswith(RUN_DIR)
+        )
+    }
+    assert returned == {k: v for k, v in found.items() if k != "workflow"}
+    return logs, found
+
+
+@pytest.fixture(scope="module")
+def runs(logs_and_runs) -> dict[str, Path]:
+    """Run folders of the small simulations, by name."""
+    return logs_and_runs[1]
+
+
+def test_a_small_federation_on_ray_trains_and_reports(logs_and_runs):
+    logs, runs = logs_and_runs
+    ray_log = logs[1].split(f"{RUN_DIR}b=")[0]  # run b: 3 SuperNodes on Ray
+    assert "(ClientAppActor pid=" in ray_log  # its clients ran in Ray actors
+    assert "ClientAppActor" not in logs[0]  # ...and the others in process
+    assert ray_log.count("aggregate_fit: received 3 results and 0 failures") == 2
+    assert ray_log.count("aggregate_evaluate: received 2 results and 0 failures") == 2
+    assert [r["round"] for r in _history(runs["b"])["rounds"]] == [0, 1, 2]
 
 
 def _history(run_dir: Path) -> dict:
@@ -142,8 +189,10 @@ def test_history_holds_every_round_and_the_config(runs):
     assert history["run_config"]["seed"] == 1
     assert history["run_config"]["num-server-rounds"] == ROUNDS
     assert history["num_partitions"] == 3
-    assert history["best_round"] in range(1, ROUNDS + 1)
     rounds = history["rounds"]
+    # The first round of the highest centralized accuracy, round 0 included.
+    accuracy = [r["centralized_accuracy"] for r in rounds]
+    assert history["best_round"] == accuracy.index(max(accuracy))
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
     assert set(rounds[0]) == {
         "round",
@@ -162,16 +211,20 @@ def test_history_holds_every_round_and_the_config(runs):
     assert not list(runs["a"].glob("*.tmp"))
 
 
-def test_final_model_is_the_last_rounds_global_model(runs, cifar_dir):
+@pytest.mark.parametrize(
+    ("name", "round_of"),
+    [("final_model.pt", lambda h: -1), ("best_model.pt", lambda h: h["best_round"])],
+)
+def test_saved_models_are_those_the_history_names(runs, cifar_dir, name, round_of):
     net = Net()
-    net.load_state_dict(torch.load(runs["a"] / "final_model.pt"))
+    net.load_state_dict(torch.load(runs["a"] / name))
     loss, accuracy = task.test(
         net, load_test_data(data_settings(cifar_dir)), torch.device("cpu")
     )
-    last = _history(runs["a"])["rounds"][-1]
-    assert loss == pytest.approx(last["centralized_loss"], rel=1e-6)
-    assert accuracy == last["centralized_accuracy"]
-    Net().load_state_dict(torch.load(runs["a"] / "best_model.pt"))
+    history = _history(runs["a"])
+    entry = history["rounds"][round_of(history)]
+    assert loss == pytest.approx(entry["centralized_loss"], rel=1e-6)
+    assert accuracy == entry["centralized_accuracy"]
 
 
 def _png_size(path: Path) -> tuple[int, int]:

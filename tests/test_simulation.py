@@ -1,47 +1,21 @@
-"""Whole federations through the tutorial's run_simulation entry (Ray, 2 cores)."""
+"""Runs that end early: too few SuperNodes, clients that all fail, Ctrl-C.
 
-import json
-import time
+The first two ask what the app does, and run their ClientApps in process
+(tests/inprocess.py); Ctrl-C is about Ray's processes, and runs on Ray.
+"""
 
-RESULT_PREFIX = "RUN_DIR="
+from conftest import in_process
 
 
 def _simulate(
     run_python, num_supernodes: int, run_config: dict, output_dir
 ) -> tuple[int, str]:
     run_config = run_config | {"output-dir": str(output_dir)}
-    code = f"""
+    code = f"""{in_process()}
 from flower_tutorial.simulation import run_tutorial_simulation
-run_dir = run_tutorial_simulation(num_supernodes={num_supernodes},
-                                  run_config={run_config!r})
-print({RESULT_PREFIX!r} + str(run_dir))
+run_tutorial_simulation(num_supernodes={num_supernodes}, run_config={run_config!r})
 """
     return run_python(code, timeout=240)
-
-
-def test_a_small_federation_trains_and_reports_accuracy(
-    run_python, cifar_dir, tmp_path
-):
-    run_config = {
-        "dataset": str(cifar_dir),
-        "num-server-rounds": 2,
-        "min-fit-clients": 3,
-        "min-evaluate-clients": 2,
-        "min-available-clients": 3,
-        "batch-size": 16,
-    }
-    code, output = _simulate(run_python, 3, run_config, tmp_path)
-    assert code == 0, output[-4000:]
-    line = next(x for x in output.splitlines() if x.startswith(RESULT_PREFIX))
-    (run_dir,) = tmp_path.iterdir()
-    assert line == RESULT_PREFIX + str(run_dir)  # the folder the run wrote
-    rounds = json.loads((run_dir / "history.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    for entry in rounds[1:]:
-        assert entry["distributed_loss"] > 0 and entry["train_loss"] > 0
-        assert 0.0 <= entry["distributed_accuracy"] <= 1.0
-    assert output.count("aggregate_fit: received 3 results and 0 failures") == 2
-    assert output.count("aggregate_evaluate: received 2 results and 0 failures") == 2
 
 
 def test_too_few_supernodes_end_the_run_instead_of_waiting(
@@ -106,12 +80,11 @@ def slow_client_fn(context):
 run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
                         client_fn=slow_client_fn)
 """
-    start = time.monotonic()
-    # Before the fix, the process outlived Ray, waiting up to round-timeout (1 h).
+    # Before the fix, the process outlived Ray, waiting up to round-timeout (1 h):
+    # run_python fails the test if it has not exited within its timeout.
     exit_code, output = run_python(code, timeout=150, interrupt_when=fit_started.exists)
     assert exit_code != 0
     assert "Ctrl-C: stopping the run" in output
     assert "KeyboardInterrupt: The simulation was stopped by Ctrl-C." in output
     assert "[round 2/2]" not in output
-    assert time.monotonic() - start < 150
     # The fixture checks that no process of the run (Ray's included) is left.
