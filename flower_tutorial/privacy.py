@@ -36,7 +36,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from flower_tutorial.config import PrivacySettings
+from flower_tutorial.config import PrivacySettings, clipped_count_stddev
 
 
 def privacy_mod(
@@ -101,7 +101,7 @@ def with_central_dp(
 
     Each round notes how many clients it sampled (`_NoiseForTheSampled`); until
     then, and for adaptive clipping's split of the noise between the update and
-    the count of clipped updates (std min_fit_clients / 20), the wrapper expects
+    the count of clipped updates (`clipped_count_stddev`), the wrapper expects
     `min_fit_clients`, the fewest a round trains.
     """
     if privacy.dp == "central-fixed":
@@ -118,16 +118,18 @@ def with_central_dp(
         initial_clipping_norm=privacy.dp_clipping_norm,
         target_clipped_quantile=privacy.dp_target_clipped_quantile,
         clip_norm_lr=privacy.dp_clip_norm_lr,
+        clipped_count_stddev=clipped_count_stddev(min_fit_clients),
     )
 
 
 def secure_fit_workflow(
-    privacy: PrivacySettings, max_weight: int, timeout: float
+    privacy: PrivacySettings, max_weight: int
 ) -> SecAggPlusWorkflow:
     """Return SecAgg+'s fit workflow with the run's settings.
 
     `max_weight` bounds a client's number of examples: SecAgg+ scales each update
     by examples / max_weight before masking, and anything above 1 can overflow.
+    Its waits for replies end at round-timeout: the grid it is given ends them.
     """
     return SecAggPlusWorkflow(
         num_shares=privacy.secagg_num_shares,
@@ -135,7 +137,6 @@ def secure_fit_workflow(
         max_weight=max_weight,
         clipping_range=privacy.secagg_clipping_range,
         quantization_range=privacy.secagg_quantization_range,
-        timeout=timeout,
     )
 
 
@@ -169,8 +170,6 @@ class PrivacyLedger:
     @property
     def epsilon(self) -> float:
         """Return ε at the run's δ, for the rounds spent so far (0 before any)."""
-        if self._accountant.num_releases == 0:
-            return 0.0
         return self._accountant.get_epsilon(self.delta)
 
     def would_exceed(self) -> bool:
