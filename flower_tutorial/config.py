@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.common.config import get_fused_config_from_dir
 
-# SecAgg+'s modulus (Flower's default): quantized values must stay below it.
+# SecAgg+'s modulus (Flower's default, passed on): quantized values stay below it.
 SECAGG_MODULUS = 2**32
 # The app's root, where pyproject.toml holds the run config's defaults.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -237,13 +237,16 @@ class PrivacySettings:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> PrivacySettings:
         """Read and check the privacy keys of ``context.run_config``."""
-        shares = _int(run_config, "secagg-num-shares", 2)
+        # Flower's SecAggPlusWorkflow refuses other counts, but only once the
+        # run has started.
+        shares = _int(run_config, "secagg-num-shares", 3)
         threshold = _int(run_config, "secagg-reconstruction-threshold", 2)
-        if threshold > shares:
+        if threshold >= shares:
             raise ValueError(
                 f"run config key 'secagg-reconstruction-threshold' = {threshold} is "
-                f"not allowed: expected at most secagg-num-shares = {shares} (a "
-                "secret is split into that many shares)."
+                f"not allowed: expected an integer below secagg-num-shares = "
+                f"{shares} (a secret is split into that many shares; SecAgg+ "
+                "rebuilds it from fewer)."
             )
         quantization = _int(run_config, "secagg-quantization-range", 2)
         if quantization >= SECAGG_MODULUS:

@@ -36,7 +36,11 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from flower_tutorial.config import PrivacySettings, clipped_count_stddev
+from flower_tutorial.config import (
+    SECAGG_MODULUS,
+    PrivacySettings,
+    clipped_count_stddev,
+)
 
 
 def privacy_mod(
@@ -137,6 +141,7 @@ def secure_fit_workflow(
         max_weight=max_weight,
         clipping_range=privacy.secagg_clipping_range,
         quantization_range=privacy.secagg_quantization_range,
+        modulus_range=SECAGG_MODULUS,
     )
 
 
