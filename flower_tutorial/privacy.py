@@ -9,8 +9,10 @@ accountant, which counts the privacy spent. What each protects: docs/privacy.md.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
+from flwr.app.message_type import MessageType
 from flwr.client.mod import (
     LocalDpMod,
     adaptiveclipping_mod,
@@ -20,6 +22,7 @@ from flwr.client.mod import (
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
@@ -38,9 +41,11 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from flower_tutorial.config import (
     SECAGG_MODULUS,
+    DataSettings,
     PrivacySettings,
     clipped_count_stddev,
 )
+from flower_tutorial.data import train_split_size
 
 
 def privacy_mod(
@@ -56,6 +61,8 @@ def privacy_mod(
     mods: list[Any] = []
     if privacy.secure_aggregation:
         mods.append(secaggplus_mod)
+        if privacy.central_dp:
+            mods.append(weigh_as_one)
     if privacy.dp == "central-fixed":
         mods.append(fixedclipping_mod)
     elif privacy.dp == "central-adaptive":
@@ -66,6 +73,25 @@ def privacy_mod(
         epsilon, delta = privacy.dp_local_epsilon, privacy.dp_delta
         mods.append(LocalDpMod(norm, norm, epsilon, delta))
     return make_ffn(call_next, mods)(msg, context)
+
+
+def weigh_as_one(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Report one example for the update, as central DP weighs every client.
+
+    SecAgg+ scales each update by its count of examples on the client, before
+    masking it: the server, which counts each clipped update once, cannot undo
+    that inside the masked sum. So under central DP each client counts as one.
+    """
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    reply.content = compat.fitres_to_recorddict(
+        replace(res, num_examples=1), keep_input=True
+    )
+    return reply
 
 
 class _NoiseForTheSampled:
@@ -127,14 +153,18 @@ def with_central_dp(
 
 
 def secure_fit_workflow(
-    privacy: PrivacySettings, max_weight: int
+    privacy: PrivacySettings, data: DataSettings
 ) -> SecAggPlusWorkflow:
     """Return SecAgg+'s fit workflow with the run's settings.
 
-    `max_weight` bounds a client's number of examples: SecAgg+ scales each update
-    by examples / max_weight before masking, and anything above 1 can overflow.
-    Its waits for replies end at round-timeout: the grid it is given ends them.
+    SecAgg+ scales each update by examples / max_weight before masking, and
+    anything above 1 can overflow: max_weight is the size of the train split,
+    which no partition exceeds. Under central DP every client reports one
+    example (`weigh_as_one`), and max_weight 1 leaves its update unscaled. The
+    workflow's waits for replies end at round-timeout: the grid it is given
+    ends them.
     """
+    max_weight = 1 if privacy.central_dp else train_split_size(data)
     return SecAggPlusWorkflow(
         num_shares=privacy.secagg_num_shares,
         reconstruction_threshold=privacy.secagg_reconstruction_threshold,

@@ -34,7 +34,6 @@ from flower_tutorial.config import (
     RunSettings,
     StrategySettings,
 )
-from flower_tutorial.data import train_split_size
 from flower_tutorial.outputs import load_checkpoint, make_run_dir
 from flower_tutorial.privacy import PrivacyLedger, secure_fit_workflow, with_central_dp
 from flower_tutorial.recording import RunRecorder
@@ -216,10 +215,8 @@ def run_rounds(grid: Grid, context: Context, components: ServerAppComponents) ->
             client_manager=manager,
         )
         return
-    # SecAgg+ scales each update by its examples / max_weight: no partition
-    # holds more examples than the whole train split.
-    max_weight = train_split_size(DataSettings.from_run_config(context.run_config))
-    DefaultWorkflow(fit_workflow=secure_fit_workflow(privacy, max_weight))(
+    data = DataSettings.from_run_config(context.run_config)
+    DefaultWorkflow(fit_workflow=secure_fit_workflow(privacy, data))(
         manager.stoppable(grid, components.config.round_timeout),
         LegacyContext(
             context,

@@ -10,6 +10,7 @@ the legacy Server (`server_fn`) and of `DefaultWorkflow`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any, TypeVar
@@ -185,10 +186,7 @@ class CheckedStrategy(Strategy):
         )
         self._end_if_none_left("fit", server_round, good, reasons)
         if self.secure_aggregation:
-            # Every result carries SecAgg+'s example-weighted mean, in float64;
-            # converted once, to the model's dtypes, it stands for each of them.
-            aggregate = self._as_sent(good[0][1].parameters)
-            good = [(proxy, replace(res, parameters=aggregate)) for proxy, res in good]
+            good = self._with_the_aggregate_as_sent(good)
         voided = self._why_void(good, reasons)
         if voided:
             log(
@@ -208,6 +206,20 @@ class CheckedStrategy(Strategy):
         if self.privacy and parameters is not None:
             self.recorder.record(server_round, epsilon=self.privacy.spend())
         return parameters, metrics
+
+    def _with_the_aggregate_as_sent(
+        self, good: list[tuple[ClientProxy, FitRes]]
+    ) -> list[tuple[ClientProxy, FitRes]]:
+        """Give every result SecAgg+'s aggregate, converted once to the model's dtypes.
+
+        Every result carries Flower's example-weighted mean, in float64. One that
+        cannot be converted (unreadable, or too few or too many arrays) stays as
+        it came, for `_why_void` to say what is wrong with it.
+        """
+        aggregate = good[0][1].parameters
+        with suppress(Exception):  # whatever bytes came, they must not end the run
+            aggregate = self._as_sent(aggregate)
+        return [(proxy, replace(res, parameters=aggregate)) for proxy, res in good]
 
     def _why_void(self, good: list, reasons: list[str]) -> str | None:
         """Return why this round must change nothing, or None."""
