@@ -149,15 +149,13 @@ def restore_random_states(numpy_rng: Any, python_rng: Any) -> None:
     random.setstate(python_rng)
 
 
-# torch.load(weights_only=True) reads tensors and plain containers only: NumPy
-# arrays travel as tagged tensors, tuples as tagged lists.
+# torch.load(weights_only=True) reads tensors and plain containers (tuples
+# included) but no NumPy arrays: those travel as tagged tensors.
 def _to_tensors(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return {"__ndarray__": torch.from_numpy(value.copy())}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_to_tensors(v) for v in value]}
-    if isinstance(value, list):
-        return [_to_tensors(v) for v in value]
+    if isinstance(value, list | tuple):
+        return type(value)(_to_tensors(v) for v in value)
     if isinstance(value, dict):
         return {k: _to_tensors(v) for k, v in value.items()}
     return value
@@ -166,10 +164,8 @@ def _to_tensors(value: Any) -> Any:
 def _from_tensors(value: Any) -> Any:
     if isinstance(value, dict) and value.keys() == {"__ndarray__"}:
         return value["__ndarray__"].numpy()
-    if isinstance(value, dict) and value.keys() == {"__tuple__"}:
-        return tuple(_from_tensors(v) for v in value["__tuple__"])
-    if isinstance(value, list):
-        return [_from_tensors(v) for v in value]
+    if isinstance(value, list | tuple):
+        return type(value)(_from_tensors(v) for v in value)
     if isinstance(value, dict):
         return {k: _from_tensors(v) for k, v in value.items()}
     return value

@@ -49,7 +49,8 @@ class SeededClientManager(SimpleClientManager):
 
     def register(self, client: ClientProxy) -> bool:
         """Register a node, making its waits for replies end when the run stops."""
-        if hasattr(client, "grid"):  # Flower's GridClientProxy
+        # Flower's GridClientProxy; under SecAgg+ its grid is stoppable already.
+        if hasattr(client, "grid") and not isinstance(client.grid, StoppableGrid):
             client.grid = self.stoppable(client.grid)
         return super().register(client)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.common.config import get_fused_config_from_dir
 
-# SecAgg+'s modulus (Flower's default): quantized values must stay below it.
+# SecAgg+'s modulus (Flower's default, passed on): quantized values stay below it.
 SECAGG_MODULUS = 2**32
 # The app's root, where pyproject.toml holds the run config's defaults.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -31,21 +31,25 @@ def app_run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
     return dict(get_fused_config_from_dir(APP_DIR, dict(overrides or {})))
 
 
+# A run config or a node config, as Flower hands it over.
+_Keys = Mapping[str, Any]
+# Which config a key is read from, as the messages name it; most are the run's.
+_RUN_CONFIG = "run config"
 _WHERE_TO_SET = {
-    "run config": "in [tool.flwr.app.config] of pyproject.toml or with "
+    _RUN_CONFIG: "in [tool.flwr.app.config] of pyproject.toml or with "
     '`flwr run . --run-config "KEY=..."`',
     "node config": 'with `flower-supernode --node-config "KEY=..."`',
 }
 
 
-def _get(config: Mapping[str, Any], key: str, source: str) -> Any:
+def _get(config: _Keys, key: str, source: str) -> Any:
     if key not in config:
         where = _WHERE_TO_SET[source].replace("KEY", key)
         raise ValueError(f"The {source} has no '{key}' key: set it {where}.")
     return config[key]
 
 
-def _int(config: Mapping[str, Any], key: str, minimum: int, source: str) -> int:
+def _int(config: _Keys, key: str, minimum: int, *, source: str = _RUN_CONFIG) -> int:
     value = _get(config, key, source)
     # bool is a subclass of int, but `true` is never a sensible count.
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -57,10 +61,10 @@ def _int(config: Mapping[str, Any], key: str, minimum: int, source: str) -> int:
 
 
 def _float(
-    config: Mapping[str, Any],
+    config: _Keys,
     key: str,
-    source: str,
     *,
+    source: str = _RUN_CONFIG,
     upper: float = math.inf,
     zero_allowed: bool = False,
     upper_open: bool = False,
@@ -76,14 +80,14 @@ def _float(
     below_high = number and (value < upper if upper_open else value <= upper)
     in_range = above_low and below_high and (math.isfinite(value) or not finite)
     if not in_range:
-        if not finite:
-            allowed = "a number > 0, or inf"
-        elif math.isinf(upper):
+        if math.isinf(upper):
             allowed = "a number >= 0" if zero_allowed else "a number > 0"
         else:
             low = "[" if zero_allowed else "("
             high = ")" if upper_open else "]"
             allowed = f"a number in {low}0, {upper}{high}"
+        if not finite:
+            allowed += ", or inf"
         raise ValueError(
             f"{source} key '{key}' = {value!r} is not allowed: expected {allowed}."
         )
@@ -91,7 +95,7 @@ def _float(
 
 
 def _str(
-    config: Mapping[str, Any], key: str, source: str, *, empty_allowed: bool = False
+    config: _Keys, key: str, *, source: str = _RUN_CONFIG, empty_allowed: bool = False
 ) -> str:
     value = _get(config, key, source)
     if not isinstance(value, str) or not (value.strip() or empty_allowed):
@@ -102,7 +106,7 @@ def _str(
     return value
 
 
-def _bool(config: Mapping[str, Any], key: str, source: str) -> bool:
+def _bool(config: _Keys, key: str, *, source: str = _RUN_CONFIG) -> bool:
     value = _get(config, key, source)
     if not isinstance(value, bool):
         raise ValueError(
@@ -112,7 +116,7 @@ def _bool(config: Mapping[str, Any], key: str, source: str) -> bool:
 
 
 def _choice(
-    config: Mapping[str, Any], key: str, choices: tuple[str, ...], source: str
+    config: _Keys, key: str, choices: tuple[str, ...], *, source: str = _RUN_CONFIG
 ) -> str:
     value = _get(config, key, source)
     if value not in choices:
@@ -122,6 +126,9 @@ def _choice(
         )
     return value
 
+
+# _float's keywords for a number below 1: a probability, a momentum, a decay rate.
+_BELOW_ONE: dict[str, Any] = {"upper": 1.0, "upper_open": True}
 
 PARTITIONERS = ("iid", "dirichlet", "shards")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
@@ -158,16 +165,15 @@ class DataSettings:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> DataSettings:
         """Read and check the data keys of ``context.run_config``."""
-        src = "run config"
         return cls(
-            dataset=_str(run_config, "dataset", src),
-            partitioner=_choice(run_config, "partitioner", PARTITIONERS, src),
-            dirichlet_alpha=_float(run_config, "dirichlet-alpha", src),
-            shards_per_partition=_int(run_config, "shards-per-partition", 1, src),
-            batch_size=_int(run_config, "batch-size", 1, src),
-            seed=_int(run_config, "seed", 0, src),
-            cache=_bool(run_config, "data-cache", src),
-            cache_dir=_str(run_config, "data-cache-dir", src, empty_allowed=True),
+            dataset=_str(run_config, "dataset"),
+            partitioner=_choice(run_config, "partitioner", PARTITIONERS),
+            dirichlet_alpha=_float(run_config, "dirichlet-alpha"),
+            shards_per_partition=_int(run_config, "shards-per-partition", 1),
+            batch_size=_int(run_config, "batch-size", 1),
+            seed=_int(run_config, "seed", 0),
+            cache=_bool(run_config, "data-cache"),
+            cache_dir=_str(run_config, "data-cache-dir", empty_allowed=True),
         )
 
 
@@ -192,26 +198,16 @@ class StrategySettings:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StrategySettings:
         """Read and check the strategy keys of ``context.run_config``."""
-        src = "run config"
         return cls(
-            name=_choice(run_config, "strategy", STRATEGIES, src),
-            proximal_mu=_float(run_config, "proximal-mu", src, zero_allowed=True),
-            server_learning_rate=_float(run_config, "server-learning-rate", src),
+            name=_choice(run_config, "strategy", STRATEGIES),
+            proximal_mu=_float(run_config, "proximal-mu", zero_allowed=True),
+            server_learning_rate=_float(run_config, "server-learning-rate"),
             server_momentum=_float(
-                run_config,
-                "server-momentum",
-                src,
-                upper=1.0,
-                zero_allowed=True,
-                upper_open=True,
+                run_config, "server-momentum", zero_allowed=True, **_BELOW_ONE
             ),
-            beta_1=_float(
-                run_config, "beta-1", src, upper=1.0, zero_allowed=True, upper_open=True
-            ),
-            beta_2=_float(
-                run_config, "beta-2", src, upper=1.0, zero_allowed=True, upper_open=True
-            ),
-            tau=_float(run_config, "tau", src),
+            beta_1=_float(run_config, "beta-1", zero_allowed=True, **_BELOW_ONE),
+            beta_2=_float(run_config, "beta-2", zero_allowed=True, **_BELOW_ONE),
+            tau=_float(run_config, "tau"),
         )
 
 
@@ -241,39 +237,49 @@ class PrivacySettings:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> PrivacySettings:
         """Read and check the privacy keys of ``context.run_config``."""
-        src = "run config"
-        shares = _int(run_config, "secagg-num-shares", 2, src)
-        threshold = _int(run_config, "secagg-reconstruction-threshold", 2, src)
-        if threshold > shares:
+        # Flower's SecAggPlusWorkflow refuses other counts, but only once the
+        # run has started.
+        shares = _int(run_config, "secagg-num-shares", 3)
+        threshold = _int(run_config, "secagg-reconstruction-threshold", 2)
+        if threshold >= shares:
             raise ValueError(
                 f"run config key 'secagg-reconstruction-threshold' = {threshold} is "
-                f"not allowed: expected at most secagg-num-shares = {shares} (a "
-                "secret is split into that many shares)."
+                f"not allowed: expected an integer below secagg-num-shares = "
+                f"{shares} (a secret is split into that many shares; SecAgg+ "
+                "rebuilds it from fewer)."
             )
-        quantization = _int(run_config, "secagg-quantization-range", 2, src)
+        quantization = _int(run_config, "secagg-quantization-range", 2)
         if quantization >= SECAGG_MODULUS:
             raise ValueError(
                 f"run config key 'secagg-quantization-range' = {quantization} is "
                 f"not allowed: expected an integer below 2**32, SecAgg+'s modulus."
             )
-        probability = {"upper": 1.0, "upper_open": True}
         return cls(
-            secure_aggregation=_bool(run_config, "secure-aggregation", src),
+            secure_aggregation=_bool(run_config, "secure-aggregation"),
             secagg_num_shares=shares,
             secagg_reconstruction_threshold=threshold,
-            secagg_clipping_range=_float(run_config, "secagg-clipping-range", src),
+            secagg_clipping_range=_float(run_config, "secagg-clipping-range"),
             secagg_quantization_range=quantization,
-            dp=_choice(run_config, "dp", DP_MODES, src),
-            dp_noise_multiplier=_float(run_config, "dp-noise-multiplier", src),
-            dp_clipping_norm=_float(run_config, "dp-clipping-norm", src),
+            dp=_choice(run_config, "dp", DP_MODES),
+            dp_noise_multiplier=_float(run_config, "dp-noise-multiplier"),
+            dp_clipping_norm=_float(run_config, "dp-clipping-norm"),
             dp_target_clipped_quantile=_float(
-                run_config, "dp-target-clipped-quantile", src, **probability
+                run_config, "dp-target-clipped-quantile", **_BELOW_ONE
             ),
-            dp_clip_norm_lr=_float(run_config, "dp-clip-norm-lr", src),
-            dp_local_epsilon=_float(run_config, "dp-local-epsilon", src),
-            dp_delta=_float(run_config, "dp-delta", src, **probability),
-            dp_max_epsilon=_float(run_config, "dp-max-epsilon", src, finite=False),
+            dp_clip_norm_lr=_float(run_config, "dp-clip-norm-lr"),
+            dp_local_epsilon=_float(run_config, "dp-local-epsilon"),
+            dp_delta=_float(run_config, "dp-delta", **_BELOW_ONE),
+            dp_max_epsilon=_float(run_config, "dp-max-epsilon", finite=False),
         )
+
+
+def clipped_count_stddev(min_fit_clients: int) -> float:
+    """Return adaptive clipping's noise (std) on the count of clipped updates.
+
+    Flower's default for that many clients; the DP wrapper is given it, so that
+    the check of dp-noise-multiplier (below twice it) holds for what runs.
+    """
+    return min_fit_clients / 20
 
 
 @dataclass(frozen=True)
@@ -310,31 +316,30 @@ class RunSettings:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
         """Read and check ``context.run_config``; raise ValueError on a bad value."""
-        src = "run config"
         return cls(
-            num_server_rounds=_int(run_config, "num-server-rounds", 1, src),
-            fraction_fit=_float(run_config, "fraction-fit", src, upper=1.0),
+            num_server_rounds=_int(run_config, "num-server-rounds", 1),
+            fraction_fit=_float(run_config, "fraction-fit", upper=1.0),
             fraction_evaluate=_float(
-                run_config, "fraction-evaluate", src, upper=1.0, zero_allowed=True
+                run_config, "fraction-evaluate", upper=1.0, zero_allowed=True
             ),
-            min_fit_clients=_int(run_config, "min-fit-clients", 1, src),
-            min_evaluate_clients=_int(run_config, "min-evaluate-clients", 1, src),
-            min_available_clients=_int(run_config, "min-available-clients", 1, src),
-            local_epochs=_int(run_config, "local-epochs", 1, src),
-            learning_rate=_float(run_config, "learning-rate", src),
+            min_fit_clients=_int(run_config, "min-fit-clients", 1),
+            min_evaluate_clients=_int(run_config, "min-evaluate-clients", 1),
+            min_available_clients=_int(run_config, "min-available-clients", 1),
+            local_epochs=_int(run_config, "local-epochs", 1),
+            learning_rate=_float(run_config, "learning-rate"),
             data=DataSettings.from_run_config(run_config),
-            node_wait_timeout=_float(run_config, "node-wait-timeout", src),
-            round_timeout=_float(run_config, "round-timeout", src),
-            centralized_evaluation=_bool(run_config, "centralized-evaluation", src),
+            node_wait_timeout=_float(run_config, "node-wait-timeout"),
+            round_timeout=_float(run_config, "round-timeout"),
+            centralized_evaluation=_bool(run_config, "centralized-evaluation"),
             initial_checkpoint=_str(
-                run_config, "initial-checkpoint", src, empty_allowed=True
+                run_config, "initial-checkpoint", empty_allowed=True
             ),
-            resume_from=_str(run_config, "resume-from", src, empty_allowed=True),
-            output_dir=_str(run_config, "output-dir", src),
-            save_best_model=_bool(run_config, "save-best-model", src),
-            aggregation=_choice(run_config, "aggregation", AGGREGATIONS, src),
-            trim_fraction=_float(run_config, "trim-fraction", src, upper=0.49),
-            krum_byzantine=_int(run_config, "krum-byzantine", 0, src),
+            resume_from=_str(run_config, "resume-from", empty_allowed=True),
+            output_dir=_str(run_config, "output-dir"),
+            save_best_model=_bool(run_config, "save-best-model"),
+            aggregation=_choice(run_config, "aggregation", AGGREGATIONS),
+            trim_fraction=_float(run_config, "trim-fraction", upper=0.49),
+            krum_byzantine=_int(run_config, "krum-byzantine", 0),
             strategy=StrategySettings.from_run_config(run_config),
             privacy=PrivacySettings.from_run_config(run_config),
         )._checked()
@@ -368,13 +373,14 @@ class RunSettings:
                 "the noiseless mean. Use fedavg or fedprox, or dp = 'local'."
             )
         z, clients = privacy.dp_noise_multiplier, self.min_fit_clients
-        if privacy.dp == "central-adaptive" and z >= clients / 10:
+        room = 2 * clipped_count_stddev(clients)  # Flower's bound on z
+        if privacy.dp == "central-adaptive" and z >= room:
             raise ValueError(
                 f"run config key 'dp-noise-multiplier' = {z:g} is not allowed with "
                 f"dp = 'central-adaptive' and min-fit-clients = {clients}: adaptive "
                 "clipping spends part of the noise on the count of clipped updates "
                 f"(standard deviation min-fit-clients / 20), which leaves room for "
-                f"noise multipliers below min-fit-clients / 10 = {clients / 10:g}. "
+                f"noise multipliers below min-fit-clients / 10 = {room:g}. "
                 "Use more clients per round, a smaller noise multiplier, or "
                 "dp = 'central-fixed'."
             )
@@ -397,9 +403,9 @@ class NodeSettings:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
         """Read and check ``context.node_config``; raise ValueError on a bad value."""
-        src = "node config"
-        num_partitions = _int(node_config, NUM_PARTITIONS, 1, src)
-        partition_id = _int(node_config, PARTITION_ID, 0, src)
+        source = "node config"
+        num_partitions = _int(node_config, NUM_PARTITIONS, 1, source=source)
+        partition_id = _int(node_config, PARTITION_ID, 0, source=source)
         if partition_id >= num_partitions:
             raise ValueError(
                 f"node config key 'partition-id' = {partition_id} is not allowed: "
@@ -408,7 +414,7 @@ class NodeSettings:
             )
         data_path = None
         if DATA_PATH in node_config:
-            data_path = _str(node_config, DATA_PATH, src)
+            data_path = _str(node_config, DATA_PATH, source=source)
             if not Path(data_path).expanduser().is_dir():
                 raise ValueError(
                     f"node config key '{DATA_PATH}' = {data_path!r} is not allowed: "

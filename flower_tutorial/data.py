@@ -332,10 +332,7 @@ def decoded_test_split(data: DataSettings, device: str) -> Decoded:
     """Return the whole test split decoded (the server's evaluation), once a process."""
 
     def build() -> Decoded:
-        from datasets import load_dataset
-
-        with hub_errors(data.dataset):
-            split = load_dataset(dataset_source(data.dataset), split="test")
+        split = _load_split(data, "test")
         check_schema(split, data.dataset)
         return Decoded({"test": decode(split)}, _names(split))
 
@@ -347,11 +344,19 @@ def decoded_test_split(data: DataSettings, device: str) -> Decoded:
 
 
 def train_split_size(data: DataSettings) -> int:
-    """Return how many images the train split holds (an upper bound per client)."""
+    """Return how many images the train split holds.
+
+    No partition of it holds more; a node's own `data-path` folder may.
+    """
+    return _load_split(data, "train").num_rows
+
+
+def _load_split(data: DataSettings, split: str) -> Dataset:
+    """Open the run's dataset's `split` (undecoded), from its folder or the hub."""
     from datasets import load_dataset
 
     with hub_errors(data.dataset):
-        return load_dataset(dataset_source(data.dataset), split="train").num_rows
+        return load_dataset(dataset_source(data.dataset), split=split)
 
 
 def label_counts(data: DataSettings, num_partitions: int) -> np.ndarray:

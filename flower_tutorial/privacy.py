@@ -9,8 +9,10 @@ accountant, which counts the privacy spent. What each protects: docs/privacy.md.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
+from flwr.app.message_type import MessageType
 from flwr.client.mod import (
     LocalDpMod,
     adaptiveclipping_mod,
@@ -20,6 +22,7 @@ from flwr.client.mod import (
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
@@ -36,7 +39,13 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from flower_tutorial.config import PrivacySettings
+from flower_tutorial.config import (
+    SECAGG_MODULUS,
+    DataSettings,
+    PrivacySettings,
+    clipped_count_stddev,
+)
+from flower_tutorial.data import train_split_size
 
 
 def privacy_mod(
@@ -52,6 +61,8 @@ def privacy_mod(
     mods: list[Any] = []
     if privacy.secure_aggregation:
         mods.append(secaggplus_mod)
+        if privacy.central_dp:
+            mods.append(weigh_as_one)
     if privacy.dp == "central-fixed":
         mods.append(fixedclipping_mod)
     elif privacy.dp == "central-adaptive":
@@ -62,6 +73,25 @@ def privacy_mod(
         epsilon, delta = privacy.dp_local_epsilon, privacy.dp_delta
         mods.append(LocalDpMod(norm, norm, epsilon, delta))
     return make_ffn(call_next, mods)(msg, context)
+
+
+def weigh_as_one(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Report one example for the update, as central DP weighs every client.
+
+    SecAgg+ scales each update by its count of examples on the client, before
+    masking it: the server, which counts each clipped update once, cannot undo
+    that inside the masked sum. So under central DP each client counts as one.
+    """
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    reply.content = compat.fitres_to_recorddict(
+        replace(res, num_examples=1), keep_input=True
+    )
+    return reply
 
 
 class _NoiseForTheSampled:
@@ -101,7 +131,7 @@ def with_central_dp(
 
     Each round notes how many clients it sampled (`_NoiseForTheSampled`); until
     then, and for adaptive clipping's split of the noise between the update and
-    the count of clipped updates (std min_fit_clients / 20), the wrapper expects
+    the count of clipped updates (`clipped_count_stddev`), the wrapper expects
     `min_fit_clients`, the fewest a round trains.
     """
     if privacy.dp == "central-fixed":
@@ -118,24 +148,30 @@ def with_central_dp(
         initial_clipping_norm=privacy.dp_clipping_norm,
         target_clipped_quantile=privacy.dp_target_clipped_quantile,
         clip_norm_lr=privacy.dp_clip_norm_lr,
+        clipped_count_stddev=clipped_count_stddev(min_fit_clients),
     )
 
 
 def secure_fit_workflow(
-    privacy: PrivacySettings, max_weight: int, timeout: float
+    privacy: PrivacySettings, data: DataSettings
 ) -> SecAggPlusWorkflow:
     """Return SecAgg+'s fit workflow with the run's settings.
 
-    `max_weight` bounds a client's number of examples: SecAgg+ scales each update
-    by examples / max_weight before masking, and anything above 1 can overflow.
+    SecAgg+ scales each update by examples / max_weight before masking, and
+    anything above 1 can overflow: max_weight is the size of the train split,
+    which no partition exceeds. Under central DP every client reports one
+    example (`weigh_as_one`), and max_weight 1 leaves its update unscaled. The
+    workflow's waits for replies end at round-timeout: the grid it is given
+    ends them.
     """
+    max_weight = 1 if privacy.central_dp else train_split_size(data)
     return SecAggPlusWorkflow(
         num_shares=privacy.secagg_num_shares,
         reconstruction_threshold=privacy.secagg_reconstruction_threshold,
         max_weight=max_weight,
         clipping_range=privacy.secagg_clipping_range,
         quantization_range=privacy.secagg_quantization_range,
-        timeout=timeout,
+        modulus_range=SECAGG_MODULUS,
     )
 
 
@@ -169,8 +205,6 @@ class PrivacyLedger:
     @property
     def epsilon(self) -> float:
         """Return ε at the run's δ, for the rounds spent so far (0 before any)."""
-        if self._accountant.num_releases == 0:
-            return 0.0
         return self._accountant.get_epsilon(self.delta)
 
     def would_exceed(self) -> bool:

@@ -12,7 +12,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.common import Parameters, Scalar, parameters_to_ndarrays
+from flwr.common import NDArrays, Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.logger import log
 
 from flower_tutorial import checkpoint
@@ -111,11 +111,7 @@ class RunRecorder:
         ]
         best = history["best_round"]
         if best is not None:
-            entry = self.rounds[best]
-            accuracy = entry.get(
-                "centralized_accuracy", entry.get("distributed_accuracy")
-            )
-            self.best = (accuracy, best)
+            self.best = (_accuracy(self.rounds[best]), best)
         log(INFO, "Resuming %s after round %s.", self.run_dir, server_round)
 
     def end_round(
@@ -136,29 +132,25 @@ class RunRecorder:
             return
         started = self._round_started[server_round]
         entry["seconds"] = round(time.monotonic() - started, 3)
-        accuracy = entry.get("centralized_accuracy", entry.get("distributed_accuracy"))
+        arrays = parameters_to_ndarrays(parameters)
+        accuracy = _accuracy(entry)
         # Round 0 counts: when fine-tuning, the checkpoint may stay the best model.
         improved = accuracy is not None and (
             self.best is None or accuracy > self.best[0]
         )
         if self.save_best_model and improved:
             self.best = (accuracy, server_round)
-            save_model(_net(parameters), self.run_dir / "best_model.pt")
+            save_model(_net(arrays), self.run_dir / "best_model.pt")
         log(INFO, "%s", progress_line(entry, self.num_rounds))
         self._write_scalars(entry)
         if server_round == self.num_rounds:
-            self._finish(parameters)
-        self.write_history()
+            self._finish(arrays)
+        history = self.write_history()
         if state is not None:
             # Last: a checkpoint says that all of its round is on disk. A run killed
             # before it resumes from the round before, and redoes this one.
             checkpoint.save(
-                checkpoint.Checkpoint(
-                    server_round,
-                    parameters_to_ndarrays(parameters),
-                    self._history(),
-                    **state,
-                ),
+                checkpoint.Checkpoint(server_round, arrays, history, **state),
                 self.run_dir,
             )
 
@@ -187,15 +179,12 @@ class RunRecorder:
     def stop_early(self, last_round: int, parameters: Parameters, why: str) -> None:
         """End the run after `last_round`: save the final model and plots now."""
         self.stopped_early = f"after round {last_round}: {why}"
-        self._finish(parameters)
+        self._finish(parameters_to_ndarrays(parameters))
         self.write_history()
 
-    def write_history(self) -> None:
-        """Write history.json (atomically) with every round so far."""
-        write_json(self._history(), self.run_dir / "history.json")
-
-    def _history(self) -> dict[str, Any]:
-        return {
+    def write_history(self) -> dict[str, Any]:
+        """Write history.json (atomically) with every round so far; return it."""
+        history = {
             "run_config": self.run_config,
             "stopped_early": self.stopped_early,
             "resumed": self.resumed,
@@ -205,10 +194,12 @@ class RunRecorder:
             "seconds": round(time.monotonic() - self._run_started, 3),
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
         }
+        write_json(history, self.run_dir / "history.json")
+        return history
 
-    def _finish(self, parameters: Parameters) -> None:
-        """Save the final model and the plots; log where everything is."""
-        save_model(_net(parameters), self.run_dir / "final_model.pt")
+    def _finish(self, arrays: NDArrays) -> None:
+        """Save the final model `arrays` and the plots; log where everything is."""
+        save_model(_net(arrays), self.run_dir / "final_model.pt")
         if self.save_best_model and self.best is None:
             log(
                 WARNING,
@@ -287,11 +278,16 @@ class RunRecorder:
         )
 
 
-def _net(parameters: Parameters) -> Net:
-    """Return a Net holding the global model `parameters`."""
+def _net(arrays: NDArrays) -> Net:
+    """Return a Net holding the global model's `arrays`."""
     net = Net()
-    set_parameters(net, parameters_to_ndarrays(parameters))
+    set_parameters(net, arrays)
     return net
+
+
+def _accuracy(entry: dict[str, Any]) -> float | None:
+    """Return a round's accuracy: centralized (test split), else federated."""
+    return entry.get("centralized_accuracy", entry.get("distributed_accuracy"))
 
 
 def progress_line(entry: dict[str, Any], num_rounds: int) -> str:

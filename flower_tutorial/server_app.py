@@ -28,8 +28,12 @@ from flwr.server.workflow import DefaultWorkflow
 
 from flower_tutorial import checkpoint
 from flower_tutorial.client_manager import SeededClientManager
-from flower_tutorial.config import DataSettings, RunSettings, StrategySettings
-from flower_tutorial.data import train_split_size
+from flower_tutorial.config import (
+    DataSettings,
+    PrivacySettings,
+    RunSettings,
+    StrategySettings,
+)
 from flower_tutorial.outputs import load_checkpoint, make_run_dir
 from flower_tutorial.privacy import PrivacyLedger, secure_fit_workflow, with_central_dp
 from flower_tutorial.recording import RunRecorder
@@ -130,8 +134,9 @@ def server_fn(context: Context) -> ServerAppComponents:
     # The initial model is made (or loaded) here, so no client is asked for its
     # random weights.
     saved = None
+    resume_dir = Path(settings.resume_from).expanduser()
     if settings.resume_from:
-        saved = checkpoint.load(Path(settings.resume_from).expanduser())
+        saved = checkpoint.load(resume_dir)
         checkpoint.check_resumable(saved, dict(context.run_config))
         net = Net()
         set_parameters(net, saved.model)
@@ -163,7 +168,7 @@ def server_fn(context: Context) -> ServerAppComponents:
     client_manager = SeededClientManager(settings.node_wait_timeout, settings.seed)
     recorder = RunRecorder(
         run_dir=(
-            Path(settings.resume_from).expanduser().resolve()
+            resume_dir.resolve()
             if saved
             else make_run_dir(settings.output_dir, context.run_id)
         ),
@@ -200,9 +205,9 @@ def run_rounds(grid: Grid, context: Context, components: ServerAppComponents) ->
     `secure-aggregation`, in Flower's DefaultWorkflow with SecAgg+, which waits for
     replies up to round-timeout only through the grid given here.
     """
-    settings = RunSettings.from_run_config(context.run_config)
+    privacy = PrivacySettings.from_run_config(context.run_config)
     manager = components.client_manager
-    if not settings.privacy.secure_aggregation:
+    if not privacy.secure_aggregation:
         start_grid(
             grid=grid,
             config=components.config,
@@ -210,12 +215,9 @@ def run_rounds(grid: Grid, context: Context, components: ServerAppComponents) ->
             client_manager=manager,
         )
         return
-    # SecAgg+ scales each update by its examples / max_weight: no client can
-    # hold more examples than the whole train split.
-    max_weight = train_split_size(settings.data)
-    fit = secure_fit_workflow(settings.privacy, max_weight, settings.round_timeout)
-    DefaultWorkflow(fit_workflow=fit)(
-        manager.stoppable(grid, settings.round_timeout),
+    data = DataSettings.from_run_config(context.run_config)
+    DefaultWorkflow(fit_workflow=secure_fit_workflow(privacy, data))(
+        manager.stoppable(grid, components.config.round_timeout),
         LegacyContext(
             context,
             config=components.config,

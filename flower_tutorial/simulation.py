@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.client import Client, ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message
 from flwr.server import Grid, ServerApp, ServerAppComponents
 from flwr.simulation import run_simulation
@@ -70,18 +71,16 @@ def run_tutorial_simulation(
             stop_run()
         run_rounds(grid, context, components)
 
-    def _client_fn(context: Context) -> Client:
-        # A copy: Flower rejects a ClientApp that changes its context's run_config.
-        return client_fn(replace(context, run_config=fused))
-
-    def _privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
-        return privacy_mod(msg, replace(context, run_config=fused), call_next)
+    def fuse(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        # First of the mods, so that privacy_mod and client_fn read the fused run
+        # config. A copy: Flower rejects a ClientApp that changes its context's.
+        return call_next(msg, replace(context, run_config=fused))
 
     try:
         with stop_on_ctrl_c(on_ctrl_c):
             run_simulation(
                 server_app=server_app,
-                client_app=ClientApp(client_fn=_client_fn, mods=[_privacy_mod]),
+                client_app=ClientApp(client_fn=client_fn, mods=[fuse, privacy_mod]),
                 num_supernodes=num_supernodes,
                 backend_config=dict(backend_config or default_backend_config()),
             )

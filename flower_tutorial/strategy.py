@@ -10,6 +10,7 @@ the legacy Server (`server_fn`) and of `DefaultWorkflow`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any, TypeVar
@@ -88,11 +89,11 @@ class CheckedStrategy(Strategy):
         if secure_aggregation:
             log(
                 INFO,
-                "Secure aggregation: the server sees only the sum of the updates, so "
-                "the per-update checks apply to that aggregate; counts and metrics "
-                "are still checked per client.",
+                "Secure aggregation: the server sees only the example-weighted mean "
+                "of the updates, so the per-update checks apply to that aggregate; "
+                "counts and metrics are still checked per client.",
             )
-        self.first_round = 1  # later, when resuming from a checkpoint
+        self.first_round = 0  # the initial model's evaluation; later when resuming
         self.last_round = recorder.num_rounds  # earlier, if the privacy budget ends
         self._sent: NDArrays = []  # the global model sent out for training
         self._asked = 0  # clients asked to train this round
@@ -105,15 +106,15 @@ class CheckedStrategy(Strategy):
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Start round 0 (the initial model's evaluation) with the inner strategy's."""
-        if self.first_round == 1:
+        if not self._done(0):
             self.recorder.start_round(0)
         return self.strategy.initialize_parameters(client_manager)
 
     def _done(self, server_round: int) -> bool:
         """Whether `server_round` is not this run's to run.
 
-        Done before a resume (Flower's loops always count from round 1), or after
-        the last round the privacy budget allows.
+        Done before a resumed run's first round (Flower's loops always start
+        from round 0), or after the last round the privacy budget allows.
         """
         return not self.first_round <= server_round <= self.last_round
 
@@ -124,9 +125,10 @@ class CheckedStrategy(Strategy):
 
         A round after the last (the privacy budget is spent) asks no client.
         """
-        if self.privacy and not self._done(server_round):
-            self._stop_at_the_budget(server_round, parameters)
         if self._done(server_round):
+            return []
+        if self.privacy and self.privacy.would_exceed():
+            self._stop_at_the_budget(server_round, parameters)
             return []
         self.recorder.start_round(server_round)
         self._sent = parameters_to_ndarrays(parameters)
@@ -143,8 +145,6 @@ class CheckedStrategy(Strategy):
 
     def _stop_at_the_budget(self, server_round: int, parameters: Parameters) -> None:
         """End the run before the round that would spend more than dp-max-epsilon."""
-        if not self.privacy.would_exceed():
-            return
         self.last_round = server_round - 1
         log(
             WARNING,
@@ -185,6 +185,8 @@ class CheckedStrategy(Strategy):
             fit_failures=reasons,
         )
         self._end_if_none_left("fit", server_round, good, reasons)
+        if self.secure_aggregation:
+            good = self._with_the_aggregate_as_sent(good)
         voided = self._why_void(good, reasons)
         if voided:
             log(
@@ -205,6 +207,20 @@ class CheckedStrategy(Strategy):
             self.recorder.record(server_round, epsilon=self.privacy.spend())
         return parameters, metrics
 
+    def _with_the_aggregate_as_sent(
+        self, good: list[tuple[ClientProxy, FitRes]]
+    ) -> list[tuple[ClientProxy, FitRes]]:
+        """Give every result SecAgg+'s aggregate, converted once to the model's dtypes.
+
+        Every result carries Flower's example-weighted mean, in float64. One that
+        cannot be converted (unreadable, or too few or too many arrays) stays as
+        it came, for `_why_void` to say what is wrong with it.
+        """
+        aggregate = good[0][1].parameters
+        with suppress(Exception):  # whatever bytes came, they must not end the run
+            aggregate = self._as_sent(aggregate)
+        return [(proxy, replace(res, parameters=aggregate)) for proxy, res in good]
+
     def _why_void(self, good: list, reasons: list[str]) -> str | None:
         """Return why this round must change nothing, or None."""
         if self.central_dp and reasons:
@@ -212,17 +228,12 @@ class CheckedStrategy(Strategy):
             # over fewer would reveal more than the noise hides.
             return "central DP needs every client asked, and some were left out"
         if self.secure_aggregation:
-            aggregate = self._as_sent(good[0][1].parameters)
-            unsound = check_arrays(aggregate, self._sent)
+            unsound = check_arrays(good[0][1].parameters, self._sent)
             return unsound and f"the secure aggregate is unsound: {unsound}"
         return None
 
     def _prepared(self, good: list[tuple[ClientProxy, FitRes]]) -> list:
         """Return the sound results as the wrapped strategy is to average them."""
-        if self.secure_aggregation:
-            # SecAgg+ hands over its float64 sum; the model is float32.
-            aggregate = self._as_sent(good[0][1].parameters)
-            good = [(proxy, replace(res, parameters=aggregate)) for proxy, res in good]
         if self.central_dp:
             # Each clipped update weighs the same: a count of examples would
             # scale it past the clipping norm that the noise is made for.
@@ -243,7 +254,8 @@ class CheckedStrategy(Strategy):
         """Record a round whose training never reached aggregate_fit.
 
         SecAgg+ halts a round (and never calls aggregate_fit) when a client leaves
-        between its stages and too few shares come back to unmask the sum.
+        between its stages and too few shares come back to unmask the sum. Both of
+        Flower's loops call configure_evaluate after every round's training.
         """
         if self._fit_ended:
             return
@@ -259,9 +271,7 @@ class CheckedStrategy(Strategy):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         """Evaluate centrally (if the inner strategy does) and record the result."""
-        self._record_a_halted_fit(server_round)
-        # Round 0 evaluates the initial model: a resumed run has it on record.
-        if self.first_round > 1 if server_round == 0 else self._done(server_round):
+        if self._done(server_round):  # a resumed run has round 0 on record
             return None
         res = self.strategy.evaluate(server_round, parameters)
         if res is not None:

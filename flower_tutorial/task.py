@@ -128,14 +128,14 @@ def train(
             labels = batch[LABEL_KEY].to(device)
             optimizer.zero_grad()
             loss = criterion(net(images), labels)
-            objective = loss
-            if start:
+            if proximal_mu:
                 drift = sum(
                     (w - w0).pow(2).sum()
                     for w, w0 in zip(net.parameters(), start, strict=True)
                 )
-                objective = loss + proximal_mu / 2 * drift
-            objective.backward()
+                (loss + proximal_mu / 2 * drift).backward()
+            else:
+                loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * labels.size(0)
             num_samples += labels.size(0)

@@ -36,6 +36,10 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
     assert RunSettings.from_run_config(config).fraction_evaluate == 0.0
 
 
+# With the default secagg-num-shares = 3.
+BELOW_THE_SHARES = "an integer below secagg-num-shares = 3"
+
+
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
@@ -88,9 +92,11 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
         ("beta-2", -0.1, r"a number in \[0, 1.0\)"),
         ("tau", 0.0, "a number > 0"),
         ("secure-aggregation", "on", "true or false"),
-        ("secagg-num-shares", 1, "an integer >= 2"),
+        ("secagg-num-shares", 1, "an integer >= 3"),
+        ("secagg-num-shares", 2, "an integer >= 3"),
         ("secagg-reconstruction-threshold", 1, "an integer >= 2"),
-        ("secagg-reconstruction-threshold", 4, "at most secagg-num-shares = 3"),
+        ("secagg-reconstruction-threshold", 3, BELOW_THE_SHARES),
+        ("secagg-reconstruction-threshold", 4, BELOW_THE_SHARES),
         ("secagg-clipping-range", 0.0, "a number > 0"),
         ("secagg-quantization-range", 1, "an integer >= 2"),
         ("secagg-quantization-range", 2**32, "an integer below 2\\*\\*32"),

@@ -31,6 +31,8 @@ from flower_tutorial.privacy import (
     FixedClipping,
     PrivacyLedger,
     noise_multiplier,
+    privacy_mod,
+    secure_fit_workflow,
     with_central_dp,
 )
 from flower_tutorial.recording import RunRecorder
@@ -83,6 +85,68 @@ def test_client_side_clipping_bounds_every_update(run_config):
     assert free > 0.05  # the bound is tight enough to matter
     assert clipped <= 0.05 * (1 + 1e-5)
     assert clipped == pytest.approx(0.05, rel=1e-3)  # clipped, not zeroed
+
+
+def _num_examples(reply: Message) -> int:
+    return compat.recorddict_to_fitres(reply.content, False).num_examples
+
+
+def _trains_on_100(msg: Message, context: Context) -> Message:
+    """A client holding 100 examples, which moves every weight by 1."""
+    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    moved = [a + 1 for a in parameters_to_ndarrays(ins.parameters)]
+    res = FitRes(OK, ndarrays_to_parameters(moved), 100, {"train_loss": 1.0})
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+@pytest.mark.parametrize(
+    ("secure_aggregation", "dp", "weight"),
+    [
+        (True, "central-fixed", 1),
+        (True, "central-adaptive", 1),
+        (True, "local", 100),  # each update noised on its own: FedAvg's weights
+        (True, "none", 100),
+        (False, "central-fixed", 100),  # the server weighs each update once
+    ],
+)
+def test_secaggplus_weighs_every_clipped_update_once(
+    monkeypatch, secure_aggregation, dp, weight
+):
+    # SecAgg+ scales each update by its count of examples on the client; under
+    # central DP the noise is made for a mean of clipped updates of equal weight.
+    seen = []
+
+    def secaggplus_mod(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)
+        seen.append(_num_examples(reply))  # what the real one would weigh by
+        return reply
+
+    monkeypatch.setattr("flower_tutorial.privacy.secaggplus_mod", secaggplus_mod)
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={},
+        state=RecordDict(),
+        run_config=default_run_config()
+        | {"secure-aggregation": secure_aggregation, "dp": dp},
+    )
+    config = {"server-round": 1, KEY_CLIPPING_NORM: 10.0}
+    msg = _fit_message([np.zeros(3, np.float32)], config)
+    reply = privacy_mod(msg, context, _trains_on_100)
+    assert _num_examples(reply) == weight
+    assert seen == ([weight] if secure_aggregation else [])
+
+
+@pytest.mark.parametrize(("dp", "max_weight"), [("none", 240), ("central-fixed", 1)])
+def test_secaggplus_scales_no_update_past_its_own(cifar_dir, dp, max_weight):
+    # The train split's size (240 synthetic images) bounds a partition's count;
+    # under central DP each client counts as one, kept unscaled.
+    settings = RunSettings.from_run_config(
+        default_run_config()
+        | {"dataset": str(cifar_dir), "secure-aggregation": True, "dp": dp}
+    )
+    workflow = secure_fit_workflow(settings.privacy, settings.data)
+    assert workflow.max_weight == max_weight
 
 
 class _Proxy:

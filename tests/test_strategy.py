@@ -54,6 +54,7 @@ def _strategy(
     num_nodes: int,
     inner: Strategy | None = None,
     aggregation: str = "fedavg",
+    secure_aggregation: bool = False,
 ) -> CheckedStrategy:
     """The app's checks around `inner` (FedAvg), after a fit round was configured."""
     settings = RunSettings.from_run_config(default_run_config())
@@ -66,6 +67,7 @@ def _strategy(
         client_manager=manager,
         recorder=recorder,
         aggregation=aggregation,
+        secure_aggregation=secure_aggregation,
     )
     strategy.configure_fit(1, _sent(), manager)
     return strategy
@@ -283,3 +285,42 @@ def test_a_round_whose_training_never_reached_aggregation_is_recorded(tmp_path):
     strategy.aggregate_fit(2, _results(strategy, [np.ones(SIZE, np.float32)] * 3), [])
     strategy.configure_evaluate(2, _sent(), strategy.client_manager)
     assert "fit_voided" not in strategy.recorder.rounds[2]
+
+
+@pytest.mark.parametrize(
+    ("aggregate", "why"),
+    [
+        (
+            ndarrays_to_parameters([np.ones(SIZE), np.ones(SIZE)]),
+            "2 arrays, expected 1",
+        ),
+        (
+            Parameters(tensors=[b"not an array"], tensor_type="numpy.ndarray"),
+            "its arrays cannot be read",
+        ),
+        (ndarrays_to_parameters([np.ones(SIZE + 1)]), "array 0 has shape (51,)"),
+    ],
+    ids=["array-count", "unreadable", "shape"],
+)
+def test_an_unsound_secure_aggregate_voids_the_round(tmp_path, aggregate, why):
+    # SecAgg+ hands every result the same aggregate: one that cannot stand for
+    # the model changes nothing, and the record says why.
+    strategy = _strategy(tmp_path, 3, secure_aggregation=True)
+    results = [
+        (proxy, replace(res, parameters=aggregate))
+        for proxy, res in _results(strategy, [np.ones(SIZE, np.float32)] * 3)
+    ]
+    assert strategy.aggregate_fit(1, results, []) == (None, {})
+    voided = strategy.recorder.rounds[1]["fit_voided"]
+    assert voided.startswith(f"the secure aggregate is unsound: {why}")
+
+
+def test_a_secure_aggregate_becomes_the_model_in_its_dtype(tmp_path):
+    strategy = _strategy(tmp_path, 3, secure_aggregation=True)
+    mean = ndarrays_to_parameters([np.full(SIZE, 0.5)])  # float64, as SecAgg+'s
+    results = [
+        (proxy, replace(res, parameters=mean))
+        for proxy, res in _results(strategy, [np.ones(SIZE, np.float32)] * 3)
+    ]
+    model = _array(strategy.aggregate_fit(1, results, []))
+    np.testing.assert_array_equal(model, np.full(SIZE, 0.5, np.float32))
