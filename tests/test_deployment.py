@@ -382,6 +382,50 @@ def test_renew_refuses_an_expiring_ca(tmp_path, monkeypatch):
         security.renew_server_cert(tmp_path / "certs", tmp_path / "ca")
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_renew_keeps_the_ca_so_supernodes_and_users_keep_trusting_it(tmp_path):
+    certs, ca_dir = tmp_path / "certs", tmp_path / "ca"
+    files = security.make_tls_files(certs, ca_dir=ca_dir)
+    before, ca_before = _contents(certs), _contents(ca_dir)
+    security.renew_server_cert(certs, ca_dir)
+    after = _contents(certs)
+    assert after["ca.crt"] == before["ca.crt"]  # what SuperNodes and flwr trust
+    assert _contents(ca_dir) == ca_before  # the CA's certificate and key
+    assert after["server.pem"] != before["server.pem"]
+    assert after["server.key"] != before["server.key"]
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    x509.load_pem_x509_certificate(after["server.pem"]).verify_directly_issued_by(ca)
+
+
+def test_a_secure_restart_keeps_the_ca_and_the_supernodes_keys(tmp_path):
+    where = security.owned_dir(tmp_path / "dep", private=False)
+    dep = deployment.Deployment(where, "test", 9092, secure=True)
+    deployment._prepare_tls(dep, renew=False)  # the first start
+    key = deployment._supernode_key(dep, "supernode-0")
+    tls, keys = _contents(dep.certs), _contents(dep.keys)
+    assert set(tls) == {"ca.crt", "server.pem", "server.key"}
+    assert set(keys) == {"supernode-0", "supernode-0.pub"}
+    # start after stop, in the same folder: every file is reused as it is.
+    deployment._check_reused_tls(where)
+    deployment._prepare_tls(dep, renew=False)
+    assert deployment._supernode_key(dep, "supernode-0") == key
+    assert _contents(dep.certs) == tls and _contents(dep.keys) == keys
+    argv = deployment.supernode_argv(dep, "partition-id=0 num-partitions=1", 9094, key)
+    assert argv[argv.index("--root-certificates") + 1] == str(dep.certs / "ca.crt")
+    # start --renew: a new CA and server certificate; the keys (registered) stay.
+    deployment._prepare_tls(dep, renew=True)
+    renewed = _contents(dep.certs)
+    assert renewed["ca.crt"] != tls["ca.crt"]
+    assert renewed["server.pem"] != tls["server.pem"]
+    assert _contents(dep.keys) == keys
+    ca = x509.load_pem_x509_certificate(renewed["ca.crt"])
+    x509.load_pem_x509_certificate(renewed["server.pem"]).verify_directly_issued_by(ca)
+    assert not (dep.certs / "ca.key").exists()  # the new CA's key is not kept
+
+
 @pytest.mark.parametrize("host", ["*.example.org", "a b", "", "x" * 254])
 def test_tls_refuses_hosts_a_certificate_cannot_carry(tmp_path, host):
     with pytest.raises(ValueError, match="is not allowed"):
@@ -577,6 +621,58 @@ def test_stop_ends_recorded_processes_and_their_descendants(tmp_path):
         assert dep.processes == {}
     finally:
         for proc in (parent, child):
+            if proc.running():
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+# A process that ignores SIGTERM, and says so once it does.
+IGNORES_SIGTERM = [
+    sys.executable,
+    "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ignoring SIGTERM', flush=True); time.sleep(60)",
+]
+
+
+def _wait_for_log(path: Path, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{path}: no {text!r} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(deployment, "STOP_GRACE", 0.5)
+    dep = deployment.Deployment(tmp_path, "test", 9092, secure=False)
+    stubborn = dep.spawn("stubborn", IGNORES_SIGTERM)
+    try:
+        _wait_for_log(tmp_path / "stubborn.log", "ignoring SIGTERM")
+        start = time.monotonic()
+        deployment.main(["stop", "--dir", str(tmp_path)])
+        assert 0.5 <= time.monotonic() - start < 5.0  # the grace, then SIGKILL
+        assert not stubborn.running()
+        assert deployment.Deployment.load(tmp_path).processes == {}
+        out = capsys.readouterr().out
+        assert f"Stopped the deployment in {tmp_path} (1 had to be killed)" in out
+    finally:
+        if stubborn.running():
+            os.kill(stubborn.pid, signal.SIGKILL)
+
+
+def test_stop_reports_the_pids_it_had_to_kill(tmp_path, monkeypatch):
+    monkeypatch.setattr(deployment, "STOP_GRACE", 0.5)
+    dep = deployment.Deployment(tmp_path, "test", 9092, secure=False)
+    polite = dep.spawn("polite", ["sleep", "60"])
+    stubborn = dep.spawn("stubborn", IGNORES_SIGTERM)
+    try:
+        _wait_for_log(tmp_path / "stubborn.log", "ignoring SIGTERM")
+        _, killed, _ = deployment.stop(tmp_path)
+        assert killed == [stubborn.pid]  # the one that ended on SIGTERM is not
+        assert not polite.running() and not stubborn.running()
+    finally:
+        for proc in (polite, stubborn):
             if proc.running():
                 os.kill(proc.pid, signal.SIGKILL)
 
