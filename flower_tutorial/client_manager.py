@@ -34,7 +34,8 @@ class SeededClientManager(SimpleClientManager):
     samples. Here either case ends the run with a message saying what to change.
     Flower gives SuperNodes new random IDs every run, so sampling orders them by
     the partition they hold before drawing with a generator seeded by the run's
-    seed. A node that cannot say which partition it holds is never sampled.
+    seed. A node that cannot say which partition it holds is never sampled; two
+    nodes that name the same partition are both sampled, with a warning.
     """
 
     def __init__(self, timeout: float, seed: int) -> None:
@@ -174,6 +175,35 @@ class SeededClientManager(SimpleClientManager):
                 self._leave_out(
                     cid,
                     f"{NUM_PARTITIONS} = {size}, but the other SuperNodes say {agreed}",
+                )
+        self._warn_of_shared_partitions(clients, [proxy.cid for proxy in unknown])
+
+    def _warn_of_shared_partitions(
+        self, clients: dict[str, ClientProxy], new: list[str]
+    ) -> None:
+        """Warn of each node in `new` that names a partition another of `clients` does.
+
+        Both take part: each trains on that partition and weighs in FedAvg, and
+        history.json names the later one by its node (docs/reliability.md).
+        """
+        holders: dict[int, list[str]] = {}
+        for cid in clients:
+            if cid in self._identities:
+                holders.setdefault(self._identities[cid][0], []).append(cid)
+        for cid in new:
+            if cid not in self._identities:
+                continue
+            partition_id = self._identities[cid][0]
+            others = [other for other in holders[partition_id] if other != cid]
+            if others:
+                log(
+                    WARNING,
+                    "node %s says %s = %s, as node(s) %s do: each takes part, and "
+                    "that partition counts once per node (check their node config).",
+                    cid,
+                    PARTITION_ID,
+                    partition_id,
+                    ", ".join(others),
                 )
 
     def _leave_out(self, cid: str, reason: str) -> None:

@@ -33,6 +33,9 @@ LABEL_KEY = "label"
 # What `Net` takes: (channels, height, width) and the number of classes.
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
+# The fewest images the Dirichlet partitioner gives a partition: it redraws (ten
+# times at most) until every partition holds this many (Flower Datasets' default).
+DIRICHLET_MIN_PARTITION_SIZE = 10
 
 
 def dataset_source(dataset: str) -> str:
@@ -148,6 +151,7 @@ def make_partitioner(data: DataSettings, num_partitions: int) -> Partitioner:
             num_partitions=num_partitions,
             partition_by=LABEL_KEY,
             alpha=data.dirichlet_alpha,
+            min_partition_size=DIRICHLET_MIN_PARTITION_SIZE,
             seed=data.seed,
         )
     if data.partitioner == "shards":
@@ -175,11 +179,29 @@ def _federated_dataset(data: DataSettings, num_partitions: int) -> FederatedData
 def load_partition(
     partition_id: int, num_partitions: int, data: DataSettings
 ) -> Dataset:
-    """Return one organization's raw partition (PIL images, integer labels)."""
+    """Return one organization's raw partition (PIL images, integer labels).
+
+    A Dirichlet split that cannot give every partition its minimum fails the same
+    way for every partition, with the numbers to change.
+    """
+    fds = _federated_dataset(data, num_partitions)
     with hub_errors(data.dataset):
-        partition = _federated_dataset(data, num_partitions).load_partition(
-            partition_id
-        )
+        partitioner = fds.partitioners["train"]  # loads the dataset, once
+    try:
+        partition = fds.load_partition(partition_id)
+    except ValueError as ex:  # only partitioning is left to fail
+        if data.partitioner != "dirichlet":
+            raise
+        # The next try must draw from the seed again, as every other process does.
+        _federated_dataset.cache_clear()
+        raise ValueError(
+            f"partitioner 'dirichlet' with 'dirichlet-alpha' = "
+            f"{data.dirichlet_alpha} could not give each of the {num_partitions} "
+            f"partitions at least {DIRICHLET_MIN_PARTITION_SIZE} of the train "
+            f"split's {partitioner.dataset.num_rows} images (Flower Datasets: {ex}). "
+            "Use fewer partitions, a larger 'dirichlet-alpha' (less skew) or "
+            "another partitioner."
+        ) from ex
     check_schema(partition, data.dataset)
     if len(partition) < 2:
         raise ValueError(

@@ -90,6 +90,16 @@ def test_an_unsound_update_is_named(res, reason):
     assert check_update(res, REFERENCE).startswith(reason)
 
 
+@pytest.mark.parametrize(
+    "dtype", ["float64", "float16", "int64", "int32", "uint8", "bool", ">f4"]
+)
+def test_an_array_of_another_dtype_is_refused_naming_the_array_and_both_dtypes(dtype):
+    # Same shapes and finite values: only the dtype of array 3 differs.
+    arrays = [*REFERENCE[:3], REFERENCE[3].astype(dtype), *REFERENCE[4:]]
+    reason = check_update(_fit(arrays=arrays), REFERENCE)
+    assert reason == f"array 3 has dtype {np.dtype(dtype)}, expected float32"
+
+
 def test_an_object_array_is_refused_without_unpickling():
     buffer = BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)

@@ -148,6 +148,33 @@ def test_shards_give_each_partition_few_classes(cifar_dir):
     ).min() >= 8
 
 
+@pytest.mark.parametrize(
+    ("num_partitions", "alpha", "seed"),
+    [
+        (30, 0.3, 42),  # 240 images cannot give 30 organizations 10 each
+        (16, 0.5, 43),  # 11 draws fail; a 12th, in the same process, would not
+    ],
+)
+def test_a_dirichlet_split_without_10_images_each_fails_every_client_alike(
+    cifar_dir, num_partitions, alpha, seed
+):
+    data = data_settings(
+        cifar_dir, partitioner="dirichlet", seed=seed, **{"dirichlet-alpha": alpha}
+    )
+    message = (
+        f"partitioner 'dirichlet' with 'dirichlet-alpha' = {alpha} could not give "
+        f"each of the {num_partitions} partitions at least 10 of the train split's "
+        "240 images (Flower Datasets: The max number of attempts (10) was reached. "
+        "Please update the values of alpha and try again.). Use fewer partitions, a "
+        "larger 'dirichlet-alpha' (less skew) or another partitioner."
+    )
+    # Every client, one after another in one process as Ray's workers run them.
+    for pid in (0, num_partitions - 1):
+        with pytest.warns(UserWarning), pytest.raises(ValueError) as err:
+            load_data(pid, num_partitions, data)
+        assert str(err.value) == message
+
+
 # The tutorial's per-image transform: the reference the decoded pipeline must match.
 REFERENCE = Compose([ToTensor(), Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 

@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import json
 import os
+import runpy
 import signal
 import socket
 import ssl
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import tomllib
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -382,6 +384,50 @@ def test_renew_refuses_an_expiring_ca(tmp_path, monkeypatch):
         security.renew_server_cert(tmp_path / "certs", tmp_path / "ca")
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_renew_keeps_the_ca_so_supernodes_and_users_keep_trusting_it(tmp_path):
+    certs, ca_dir = tmp_path / "certs", tmp_path / "ca"
+    files = security.make_tls_files(certs, ca_dir=ca_dir)
+    before, ca_before = _contents(certs), _contents(ca_dir)
+    security.renew_server_cert(certs, ca_dir)
+    after = _contents(certs)
+    assert after["ca.crt"] == before["ca.crt"]  # what SuperNodes and flwr trust
+    assert _contents(ca_dir) == ca_before  # the CA's certificate and key
+    assert after["server.pem"] != before["server.pem"]
+    assert after["server.key"] != before["server.key"]
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    x509.load_pem_x509_certificate(after["server.pem"]).verify_directly_issued_by(ca)
+
+
+def test_a_secure_restart_keeps_the_ca_and_the_supernodes_keys(tmp_path):
+    where = security.owned_dir(tmp_path / "dep", private=False)
+    dep = deployment.Deployment(where, "test", 9092, secure=True)
+    deployment._prepare_tls(dep, renew=False)  # the first start
+    key = deployment._supernode_key(dep, "supernode-0")
+    tls, keys = _contents(dep.certs), _contents(dep.keys)
+    assert set(tls) == {"ca.crt", "server.pem", "server.key"}
+    assert set(keys) == {"supernode-0", "supernode-0.pub"}
+    # start after stop, in the same folder: every file is reused as it is.
+    deployment._check_reused_tls(where)
+    deployment._prepare_tls(dep, renew=False)
+    assert deployment._supernode_key(dep, "supernode-0") == key
+    assert _contents(dep.certs) == tls and _contents(dep.keys) == keys
+    argv = deployment.supernode_argv(dep, "partition-id=0 num-partitions=1", 9094, key)
+    assert argv[argv.index("--root-certificates") + 1] == str(dep.certs / "ca.crt")
+    # start --renew: a new CA and server certificate; the keys (registered) stay.
+    deployment._prepare_tls(dep, renew=True)
+    renewed = _contents(dep.certs)
+    assert renewed["ca.crt"] != tls["ca.crt"]
+    assert renewed["server.pem"] != tls["server.pem"]
+    assert _contents(dep.keys) == keys
+    ca = x509.load_pem_x509_certificate(renewed["ca.crt"])
+    x509.load_pem_x509_certificate(renewed["server.pem"]).verify_directly_issued_by(ca)
+    assert not (dep.certs / "ca.key").exists()  # the new CA's key is not kept
+
+
 @pytest.mark.parametrize("host", ["*.example.org", "a b", "", "x" * 254])
 def test_tls_refuses_hosts_a_certificate_cannot_carry(tmp_path, host):
     with pytest.raises(ValueError, match="is not allowed"):
@@ -579,6 +625,423 @@ def test_stop_ends_recorded_processes_and_their_descendants(tmp_path):
         for proc in (parent, child):
             if proc.running():
                 os.kill(proc.pid, signal.SIGKILL)
+
+
+# A process that ignores SIGTERM, and says so once it does.
+IGNORES_SIGTERM = [
+    sys.executable,
+    "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ignoring SIGTERM', flush=True); time.sleep(60)",
+]
+
+
+def _wait_for_log(path: Path, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{path}: no {text!r} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(deployment, "STOP_GRACE", 0.5)
+    dep = deployment.Deployment(tmp_path, "test", 9092, secure=False)
+    stubborn = dep.spawn("stubborn", IGNORES_SIGTERM)
+    try:
+        _wait_for_log(tmp_path / "stubborn.log", "ignoring SIGTERM")
+        start = time.monotonic()
+        deployment.main(["stop", "--dir", str(tmp_path)])
+        assert 0.5 <= time.monotonic() - start < 5.0  # the grace, then SIGKILL
+        assert not stubborn.running()
+        assert deployment.Deployment.load(tmp_path).processes == {}
+        out = capsys.readouterr().out
+        assert f"Stopped the deployment in {tmp_path} (1 had to be killed)" in out
+    finally:
+        if stubborn.running():
+            os.kill(stubborn.pid, signal.SIGKILL)
+
+
+def test_stop_reports_the_pids_it_had_to_kill(tmp_path, monkeypatch):
+    monkeypatch.setattr(deployment, "STOP_GRACE", 0.5)
+    dep = deployment.Deployment(tmp_path, "test", 9092, secure=False)
+    polite = dep.spawn("polite", ["sleep", "60"])
+    stubborn = dep.spawn("stubborn", IGNORES_SIGTERM)
+    try:
+        _wait_for_log(tmp_path / "stubborn.log", "ignoring SIGTERM")
+        _, killed, _ = deployment.stop(tmp_path)
+        assert killed == [stubborn.pid]  # the one that ended on SIGTERM is not
+        assert not polite.running() and not stubborn.running()
+    finally:
+        for proc in (polite, stubborn):
+            if proc.running():
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+# --- Ports and threads ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cores", "supernodes", "threads"),
+    [
+        (2, 1, 2),
+        (2, 2, 1),
+        (2, 3, 1),  # never 0: each gets a thread
+        (16, 3, 5),
+        (16, 10, 1),
+        (64, 10, 6),
+        (128, 64, 2),
+        (1, 64, 1),
+    ],
+)
+def test_threads_per_supernode_share_the_cores(cores, supernodes, threads):
+    assert deployment.threads_per_supernode(cores, supernodes) == threads
+
+
+@pytest.mark.parametrize(("cores", "supernodes"), [(0, 1), (4, 0), (-2, 3)])
+def test_threads_per_supernode_refuse_counts_below_one(cores, supernodes):
+    message = rf"cores = {cores}, supernodes = {supernodes} is not allowed: expected"
+    with pytest.raises(ValueError, match=message):
+        deployment.threads_per_supernode(cores, supernodes)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A socket of this test's listening on a loopback port: the port is taken."""
+    with socket.socket() as sock:
+        sock.bind((deployment.LOOPBACK, 0))
+        sock.listen()
+        yield sock
+
+
+def test_wait_for_port_wants_the_process_itself_listening(tmp_path, listener):
+    dep = deployment.Deployment(tmp_path, "test", 0, secure=False)
+    taken = listener.getsockname()[1]  # accepts connections: not the process's
+    free = deployment.free_port()
+    listens = (
+        "import socket, sys, time; time.sleep(0.5); s = socket.socket(); "
+        "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(60)"
+    )
+    server = dep.spawn("server", [sys.executable, "-c", listens, str(free)])
+    try:
+        message = rf"server did not listen on port {taken} within 1 s"
+        with pytest.raises(RuntimeError, match=message):
+            deployment.wait_for_port(dep, "server", taken, timeout=1.0)
+        deployment.wait_for_port(dep, "server", free, timeout=10.0)
+    finally:
+        os.kill(server.pid, signal.SIGKILL)
+        os.waitpid(server.pid, 0)
+
+
+def test_a_process_that_finds_its_port_taken_is_told_apart(tmp_path, listener):
+    port = listener.getsockname()[1]
+    dep = deployment.Deployment(tmp_path, "test", 0, secure=False)
+    binds = f"import socket; socket.socket().bind(('127.0.0.1', {port}))"
+    dep.spawn("taken", [sys.executable, "-c", binds])
+    with pytest.raises(deployment.PortTakenError, match=r"(?s)taken exited.*in use"):
+        deployment.wait_for_port(dep, "taken", port, timeout=10.0)
+    # Any other early exit is a plain error.
+    dep.spawn("crash", [sys.executable, "-c", "raise SystemExit('no key')"])
+    with pytest.raises(RuntimeError, match=r"(?s)crash exited.*no key") as err:
+        deployment.wait_for_port(dep, "crash", port, timeout=10.0)
+    assert not isinstance(err.value, deployment.PortTakenError)
+
+
+class _FakeStart:
+    """`start` without processes: spawns are recorded, ports counted from 20001.
+
+    `taken[name]` says how many of that process's waits find its port taken.
+    """
+
+    def __init__(self, monkeypatch, taken: dict[str, int]) -> None:
+        self.taken = dict(taken)
+        self.spawned: list[tuple[str, list[str], dict | None]] = []
+        self.waited: list[tuple[str, int]] = []
+        self.stopped = 0
+        self.ports = iter(range(20001, 20100))
+        monkeypatch.setattr(deployment, "free_port", lambda: next(self.ports))
+        monkeypatch.setattr(deployment, "wait_for_port", self.wait_for_port)
+        # Functions, not bound methods: the Deployment is their first argument.
+        monkeypatch.setattr(
+            deployment.Deployment, "spawn", lambda *args: self.spawn(*args)
+        )
+        monkeypatch.setattr(deployment.Deployment, "stop", lambda *a: self.stop(*a))
+        monkeypatch.setattr(deployment.Deployment, "add_connection", lambda dep: None)
+
+    def spawn(self, dep, name, argv, defaults=None) -> deployment.ProcessRecord:
+        self.spawned.append((name, list(argv), defaults))
+        dep.processes[name] = deployment.ProcessRecord(0, 0, tuple(argv))
+        return dep.processes[name]
+
+    def wait_for_port(self, dep, name, port, timeout) -> None:
+        self.waited.append((name, port))
+        if self.taken.get(name, 0) > 0:
+            self.taken[name] -= 1
+            raise deployment.PortTakenError(f"{name} exited: address already in use")
+
+    def stop(self, dep, names=None) -> list[int]:
+        self.stopped += 1
+        return []
+
+
+def _port_of(argv: list[str]) -> int:
+    return int(argv[argv.index("--port") + 1])
+
+
+def test_start_starts_a_process_whose_port_was_taken_again_on_another(
+    tmp_path, monkeypatch
+):
+    fake = _FakeStart(monkeypatch, {"superlink": 1, "supernode-1": 1})
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    dep = deployment.start(tmp_path / "dep", 3)
+    assert [(name, _port_of(argv)) for name, argv, _ in fake.spawned] == [
+        ("superlink", 20001),
+        ("superlink", 20002),  # 20001 was taken
+        ("supernode-0", 20003),
+        ("supernode-1", 20004),
+        ("supernode-2", 20005),
+        ("supernode-1", 20006),  # 20004 was taken
+    ]
+    assert fake.waited == [
+        ("superlink", 20001),
+        ("superlink", 20002),
+        ("supernode-0", 20003),
+        ("supernode-1", 20004),
+        ("supernode-1", 20006),
+        ("supernode-2", 20005),
+    ]
+    # Everything reaches the SuperLink where it listens in the end.
+    assert dep.superlink_port == 20002 and dep.address == "127.0.0.1:20002"
+    for _, argv, env in fake.spawned[2:]:
+        assert argv[argv.index("--superlink") + 1] == "127.0.0.1:20002"
+        assert env["OMP_NUM_THREADS"] == "5"  # 16 cores, 3 SuperNodes
+    assert fake.stopped == 0
+
+
+def test_start_gives_up_after_port_tries_and_stops_what_it_started(
+    tmp_path, monkeypatch
+):
+    fake = _FakeStart(monkeypatch, {"supernode-0": deployment.PORT_TRIES})
+    message = (
+        r"supernode-0: another program took each of the 3 ports it was started on "
+        r"before it listened; the last: supernode-0 exited: address already in use"
+    )
+    with pytest.raises(deployment.PortTakenError, match=message):
+        deployment.start(tmp_path / "dep", 1)
+    assert [name for name, _, _ in fake.spawned] == ["superlink"] + 3 * ["supernode-0"]
+    assert fake.stopped == 1  # the tear-down, by PID
+
+
+# --- Command lines ---------------------------------------------------------------
+
+
+def _exit(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run a command line's `main(argv)` until it exits: (code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "expected"),
+    [
+        (deployment.main, [], ["start", "stop"]),
+        (
+            deployment.main,
+            ["start"],
+            ["--supernodes", "--secure", "--renew", "--data-path", "--connection"],
+        ),
+        (deployment.main, ["stop"], ["--dir"]),
+        (security.main, [], ["tls", "renew", "supernode-key"]),
+        (security.main, ["tls"], ["--dir", "--ca-dir", "--host"]),
+        (security.main, ["renew"], ["--dir", "--ca-dir", "--host"]),
+        (security.main, ["supernode-key"], ["--dir", "--name"]),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else "",
+)
+def test_every_command_has_help(capsys, main, argv, expected):
+    code, out, _ = _exit(main, [*argv, "--help"], capsys)
+    assert code == 0
+    assert out.startswith("usage: python -m flower_tutorial.deployment")
+    for option in expected:
+        assert option in out, option
+
+
+@pytest.mark.parametrize(
+    ("module", "first_line"),
+    [
+        ("flower_tutorial.deployment", "usage: python -m flower_tutorial.deployment "),
+        (
+            "flower_tutorial.deployment.security",
+            "usage: python -m flower_tutorial.deployment.security ",
+        ),
+    ],
+)
+def test_python_dash_m_runs_each_command_line(monkeypatch, capsys, module, first_line):
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with warnings.catch_warnings():  # runpy: security is imported already
+        warnings.simplefilter("ignore", RuntimeWarning)
+        code, out, _ = _exit(
+            lambda _: runpy.run_module(module, run_name="__main__"), [], capsys
+        )
+    assert code == 0 and out.startswith(first_line)
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "message"),
+    [
+        (deployment.main, [], "the following arguments are required: command"),
+        (deployment.main, ["begin"], "invalid choice: 'begin'"),
+        (
+            deployment.main,
+            ["start", "--supernodes", "many"],
+            "argument --supernodes: invalid int value: 'many'",
+        ),
+        (deployment.main, ["start", "--bogus"], "unrecognized arguments: --bogus"),
+        (
+            deployment.main,
+            ["start", "--data-path", "site-3"],
+            "--data-path 'site-3' is not allowed: expected NODE=FOLDER, e.g. "
+            "2=/data/site-2.",
+        ),
+        (
+            deployment.main,
+            ["start", "--supernodes", "0", "--dir", "DIR"],
+            "error: --supernodes = 0 is not allowed: expected 1 to 64.",
+        ),
+        (
+            deployment.main,
+            ["start", "--renew", "--dir", "DIR"],
+            "error: --renew is not allowed without --secure: it renews TLS files.",
+        ),
+        (deployment.main, ["stop", "--dir", "DIR"], "holds no deployment.json"),
+        (security.main, [], "the following arguments are required: command"),
+        (
+            security.main,
+            ["tls", "--dir", "DIR"],
+            "the following arguments are required: --ca-dir",
+        ),
+        (
+            security.main,
+            ["tls", "--dir", "DIR", "--ca-dir", "DIR"],
+            "error: --ca-dir 'DIR' is the SuperLink's folder: expected another one",
+        ),
+        (
+            security.main,
+            ["tls", "--dir", "DIR/certs", "--ca-dir", "DIR/ca", "--host", "*.org"],
+            "error: --host '*.org' is not allowed: expected an IP address or a DNS",
+        ),
+        (
+            security.main,
+            ["supernode-key", "--dir", "DIR", "--name", "../org"],
+            "error: --name '../org' is not allowed: expected letters, digits",
+        ),
+    ],
+)
+def test_bad_options_end_with_a_clear_error_and_exit_code_2(
+    tmp_path, monkeypatch, capsys, main, argv, message
+):
+    def spawn(*args, **kwargs):
+        raise AssertionError("a bad option went through: start spawned a process")
+
+    monkeypatch.setattr(deployment.Deployment, "spawn", spawn)
+    where = str(tmp_path / "dep")
+    code, out, err = _exit(main, [a.replace("DIR", where) for a in argv], capsys)
+    assert code == 2
+    assert message.replace("DIR", where) in err
+    assert out == ""
+    assert not (tmp_path / "dep").exists()  # nothing made
+
+
+def test_start_and_stop_options_reach_the_functions(tmp_path, monkeypatch, capsys):
+    calls = []
+    dep = deployment.Deployment(tmp_path, "site", 9092, secure=True)
+
+    def start(*args, **kwargs):
+        calls.append(("start", args, kwargs))
+        return dep
+
+    def stop(*args, **kwargs):
+        calls.append(("stop", args, kwargs))
+        return dep, [12, 13], True
+
+    monkeypatch.setattr(deployment, "start", start)
+    monkeypatch.setattr(deployment, "stop", stop)
+    site_2, site_3 = str(tmp_path / "site-2"), str(tmp_path / "site-3")
+    deployment.main(
+        ["start", "--supernodes", "4", "--secure", "--renew", "--dir", "here"]
+        + ["--data-path", f"2={site_2}", "--data-path", f"3={site_3}"]
+        + ["--connection", "site"]
+    )
+    deployment.main(["start"])
+    deployment.main(["stop", "--dir", "here"])
+    assert calls == [
+        (
+            "start",
+            (Path("here"), 4),
+            {
+                "secure": True,
+                "renew": True,
+                "data_paths": {2: site_2, 3: site_3},
+                "connection": "site",
+            },
+        ),
+        (
+            "start",
+            (Path("deployment"), 10),
+            {
+                "secure": False,
+                "renew": False,
+                "data_paths": {},
+                "connection": "local-deployment",
+            },
+        ),
+        ("stop", (Path("here"),), {}),
+    ]
+    out = capsys.readouterr().out
+    assert "SuperLink at 127.0.0.1:9092 and 4 SuperNodes started" in out
+    assert "flwr run . site --stream" in out
+    assert (
+        f"Stopped the deployment in {tmp_path} (2 had to be killed); removed "
+        "connection 'site'." in out
+    )
+
+
+def test_security_options_reach_the_functions(tmp_path, monkeypatch, capsys):
+    calls = []
+    files = security.tls_files(tmp_path / "certs")
+
+    def record(name, result):
+        def function(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return result
+
+        return function
+
+    monkeypatch.setattr(security, "make_tls_files", record("tls", files))
+    monkeypatch.setattr(security, "renew_server_cert", record("renew", files))
+    monkeypatch.setattr(
+        security, "make_supernode_key", record("key", tmp_path / "keys" / "org-3")
+    )
+    security.main(["tls", "--dir", "c", "--ca-dir", "a", "--host", "sl.example"])
+    security.main(["tls", "--dir", "c", "--ca-dir", "a", "--host", "localhost"])
+    security.main(["renew", "--dir", "c", "--ca-dir", "a"])
+    security.main(["renew", "--dir", "c", "--ca-dir", "a", "--host", "10.0.0.1"])
+    security.main(["supernode-key", "--dir", "k", "--name", "org-3"])
+    certs, ca = Path("c"), Path("a")
+    assert calls == [
+        # tls always adds the loopback names, once each.
+        ("tls", (certs, ["sl.example", "127.0.0.1", "localhost"], ca), {}),
+        ("tls", (certs, ["localhost", "127.0.0.1"], ca), {}),
+        ("renew", (certs, ca, None), {}),  # None: the current names
+        ("renew", (certs, ca, ["10.0.0.1"]), {}),
+        ("key", (Path("k"), "org-3"), {}),
+    ]
+    out = capsys.readouterr().out
+    assert "Certificate names: sl.example, 127.0.0.1, localhost" in out
+    assert f"Private key: {tmp_path / 'keys' / 'org-3'}" in out
 
 
 # --- Input, state and the lock -------------------------------------------------

@@ -1,16 +1,37 @@
 """Run outputs and bad input: clear errors before training, nothing half-written."""
 
+import io
+import json
+import signal
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import default_run_config
-from flwr.common import Context, RecordDict, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    Context,
+    EvaluateRes,
+    FitRes,
+    GetPropertiesRes,
+    RecordDict,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.strategy import FedAvg
 from torch import nn
 
+from flower_tutorial import checkpoint
+from flower_tutorial.client_manager import SeededClientManager
+from flower_tutorial.config import RunSettings
 from flower_tutorial.local_baseline import main as local_baseline_main
 from flower_tutorial.outputs import load_checkpoint, make_run_dir, write_json
-from flower_tutorial.recording import progress_line
-from flower_tutorial.server_app import server_fn
-from flower_tutorial.task import Net
+from flower_tutorial.recording import RunRecorder, progress_line
+from flower_tutorial.server_app import server_fn, weighted_average
+from flower_tutorial.stopping import RunStoppedError, stop_on_ctrl_c
+from flower_tutorial.strategy import CheckedStrategy
+from flower_tutorial.task import Net, get_parameters
 
 
 def _server_fn(run_config: dict):
@@ -147,3 +168,147 @@ def test_local_baseline_refuses_bad_arguments(cifar_dir, capsys):
             ]
         )
     assert "'partition-id' = 4" in capsys.readouterr().err
+
+
+# --- An interrupted run keeps the rounds it finished ------------------------------
+
+OK = Status(code=Code.OK, message="")
+MODEL = get_parameters(Net())
+# What a round writes; the TensorBoard events file is appended to, not rewritten.
+ROUND_FILES = ("history.json", "best_model.pt", "checkpoint.pt")
+
+
+class _Node:
+    """A SuperNode of partition `pid` that says so."""
+
+    def __init__(self, pid: int) -> None:
+        self.cid = f"node-{pid}"
+        self.pid = pid
+
+    def get_properties(self, ins, timeout, group_id) -> GetPropertiesRes:
+        return GetPropertiesRes(OK, {"partition-id": self.pid, "num-partitions": 2})
+
+
+class _SilentGrid:
+    """A grid that takes messages and never replies (the clients still train)."""
+
+    def push_messages(self, messages) -> list[str]:
+        return [f"message-{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids) -> list:
+        return []
+
+
+def _strategy(run_dir: Path) -> CheckedStrategy:
+    """The app's strategy over FedAvg and two nodes, for a run of 3 rounds."""
+    settings = RunSettings.from_run_config(default_run_config())
+    manager = SeededClientManager(timeout=5.0, seed=0)
+    for pid in range(2):
+        manager.register(_Node(pid))
+    recorder = RunRecorder(run_dir, {}, settings.data, 3, save_best_model=True)
+    inner = FedAvg(
+        min_fit_clients=2,
+        min_evaluate_clients=2,
+        min_available_clients=2,
+        fit_metrics_aggregation_fn=weighted_average,
+        evaluate_metrics_aggregation_fn=weighted_average,
+    )
+    return CheckedStrategy(inner, client_manager=manager, recorder=recorder)
+
+
+def _round(strategy: CheckedStrategy, server_round: int, accuracy: float) -> None:
+    """Run a whole round as Flower's loop calls the strategy: every client sound."""
+    manager = strategy.client_manager
+    sent = ndarrays_to_parameters(MODEL)
+    fit = strategy.configure_fit(server_round, sent, manager)
+    results = [(p, FitRes(OK, i.parameters, 10, {"train_loss": 1.0})) for p, i in fit]
+    parameters, _ = strategy.aggregate_fit(server_round, results, [])
+    evaluate = strategy.configure_evaluate(server_round, parameters, manager)
+    metrics = {"accuracy": accuracy}
+    replies = [(p, EvaluateRes(OK, 1.0, 5, metrics)) for p, _ in evaluate]
+    strategy.aggregate_evaluate(server_round, replies, [])
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {name: (run_dir / name).read_bytes() for name in ROUND_FILES}
+
+
+def test_ctrl_c_in_a_round_keeps_the_rounds_finished_before_it(tmp_path):
+    strategy = _strategy(tmp_path)
+    _round(strategy, 1, accuracy=0.5)
+    after_round_1 = _files(tmp_path)
+    # Round 2: the clients train, and the first Ctrl-C stops the run as
+    # run_tutorial_simulation's does; the wait for their replies ends at once.
+    manager = strategy.client_manager
+    assert strategy.configure_fit(2, ndarrays_to_parameters(MODEL), manager)
+    with stop_on_ctrl_c(manager.stop):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        with pytest.raises(RunStoppedError) as stopped:
+            manager.stoppable(_SilentGrid(), 5.0).send_and_receive(["fit", "fit"])
+    # Flower's loop hands the clients' errors to the strategy, which ends the run.
+    with pytest.raises(RuntimeError, match=r"All 2 clients failed in round 2"):
+        strategy.aggregate_fit(2, [], [stopped.value, stopped.value])
+    # Round 1's model and checkpoint stay as it left them; no final model.
+    files = _files(tmp_path)
+    assert files["best_model.pt"] == after_round_1["best_model.pt"]
+    assert files["checkpoint.pt"] == after_round_1["checkpoint.pt"]
+    assert checkpoint.load(tmp_path).server_round == 1
+    assert not (tmp_path / "final_model.pt").exists()
+    # history.json: round 1 as it was, and why round 2 did not end.
+    before = json.loads(after_round_1["history.json"])["rounds"]
+    rounds = json.loads(files["history.json"])["rounds"]
+    assert rounds[:-1] == before and [r["round"] for r in before] == [1]
+    stop = "RunStoppedError: The run was stopped while waiting for replies."
+    assert rounds[-1] == {
+        "round": 2,
+        "fit_clients": 0,
+        "fit_examples": {},
+        "fit_train_loss": {},
+        "fit_failures": [stop, stop],
+    }
+
+
+def _interrupted_while_writing(name: str, monkeypatch) -> None:
+    """Make the writing of `name` stop half-way with KeyboardInterrupt (Ctrl-C)."""
+    write_text, save = Path.write_text, torch.save
+
+    def half_then_ctrl_c(path: Path, data: bytes) -> None:
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    def fake_write_text(path: Path, text: str, *args, **kwargs) -> int:
+        if Path(path).name.startswith(name):
+            half_then_ctrl_c(path, text.encode())
+        return write_text(path, text, *args, **kwargs)
+
+    def fake_save(obj, path, *args, **kwargs) -> None:
+        if not Path(path).name.startswith(name):
+            return save(obj, path, *args, **kwargs)
+        buffer = io.BytesIO()
+        save(obj, buffer, *args, **kwargs)
+        half_then_ctrl_c(path, buffer.getvalue())
+
+    monkeypatch.setattr(Path, "write_text", fake_write_text)
+    monkeypatch.setattr(torch, "save", fake_save)
+
+
+@pytest.mark.parametrize("interrupted", ROUND_FILES)
+def test_ctrl_c_while_a_round_is_written_leaves_every_file_whole(
+    tmp_path, monkeypatch, interrupted
+):
+    strategy = _strategy(tmp_path)
+    _round(strategy, 1, accuracy=0.5)
+    after_round_1 = _files(tmp_path)
+    with monkeypatch.context() as patch:
+        _interrupted_while_writing(interrupted, patch)
+        with pytest.raises(KeyboardInterrupt):
+            _round(strategy, 2, accuracy=0.75)  # better: a new best model
+    files = _files(tmp_path)
+    # The file being written is the previous round's, whole ...
+    assert files[interrupted] == after_round_1[interrupted]
+    # ... and every file is readable: the run can be resumed from round 1 or 2.
+    rounds = json.loads(files["history.json"])["rounds"]
+    assert [r["round"] for r in rounds] in ([1], [1, 2])
+    assert checkpoint.load(tmp_path).server_round in (1, 2)
+    assert checkpoint.load(tmp_path).server_round <= rounds[-1]["round"]
+    assert isinstance(load_checkpoint(str(tmp_path / "best_model.pt")), Net)

@@ -1,10 +1,40 @@
-"""Runs that end early: too few SuperNodes, clients that all fail, Ctrl-C.
+"""Runs that end early (too few SuperNodes, clients that all fail, Ctrl-C), and,
+without a simulation, that `run_tutorial_simulation` runs the app `flwr run` runs,
+on the same run config.
 
-The first two ask what the app does, and run their ClientApps in process
+The first two runs ask what the app does, and run their ClientApps in process
 (tests/inprocess.py); Ctrl-C is about Ray's processes, and runs on Ray.
 """
 
-from conftest import in_process
+import inspect
+import time
+import tomllib
+import warnings
+import zipfile
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import APP_DIR, in_process
+from flwr.cli.build import build_fab_from_disk
+from flwr.client import NumPyClient
+from flwr.common import Context, GetPropertiesIns, Metadata, RecordDict
+from flwr.common.config import (
+    get_fused_config_from_dir,
+    get_fused_config_from_fab,
+    get_project_config,
+    parse_config_args,
+)
+from flwr.common.constant import MessageTypeLegacy
+from flwr.common.serde import user_config_from_proto, user_config_to_proto
+from flwr.compat.common.recorddict_compat import getpropertiesins_to_recorddict
+from flwr.serverapp import ServerApp
+from flwr.supercore.run import Run
+
+from flower_tutorial import client_app, server_app, simulation
+from flower_tutorial.config import RunSettings
+from flower_tutorial.privacy import privacy_mod
 
 
 def _simulate(
@@ -88,3 +118,133 @@ run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
     assert "KeyboardInterrupt: The simulation was stopped by Ctrl-C." in output
     assert "[round 2/2]" not in output
     # The fixture checks that no process of the run (Ray's included) is left.
+
+
+# --- The same app and run config as `flwr run` ----------------------------------
+
+PRESETS = sorted((APP_DIR / "conf").glob("*.toml"))
+# One override of each type, as `flwr run . --run-config "..."` takes them.
+OVERRIDES = (
+    "num-server-rounds=3 fraction-fit=0.5 learning-rate=0.01 "
+    'dataset="/data/cifar10" partitioner="dirichlet" dirichlet-alpha=0.3 '
+    "centralized-evaluation=false dp-max-epsilon=8.0 tau=1e-3 seed=7"
+)
+
+
+def _flwr_run_config(overrides: list[str], tmp_path) -> dict:
+    """The run config that `flwr run . --run-config ...` gives the app.
+
+    As Flower 1.42 makes it: `flwr run` parses the overrides and sends them, as
+    protobuf, with the app's FAB; each SuperNode fuses them with the FAB's
+    pyproject.toml, the ServerApp's runtime with that of the FAB installed.
+    """
+    with warnings.catch_warnings():  # pathspec's, about Flower's ignore patterns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fab = build_fab_from_disk(APP_DIR)
+    wire = user_config_to_proto(parse_config_args(overrides))
+    run = Run.create_empty(run_id=1)
+    run.override_config = user_config_from_proto(wire)
+    clients = dict(get_fused_config_from_fab(fab, run))
+    zipfile.ZipFile(BytesIO(fab)).extractall(tmp_path / "fab")
+    server = dict(get_fused_config_from_dir(tmp_path / "fab", run.override_config))
+    assert clients == server
+    return server
+
+
+def _simulation_run_configs(monkeypatch, overrides: dict) -> dict[str, dict]:
+    """The run configs that run_tutorial_simulation gives its ServerApp and client.
+
+    Flower's run_simulation is replaced by one that calls the ServerApp and asks
+    the ClientApp a node's properties, with the empty run config it gives them.
+    """
+    seen: dict[str, dict] = {}
+
+    def server_fn(context: Context) -> SimpleNamespace:
+        seen["server"] = dict(context.run_config)
+        return SimpleNamespace(
+            client_manager=SimpleNamespace(stop=lambda: None),
+            strategy=SimpleNamespace(
+                recorder=SimpleNamespace(finished=True, run_dir="run-dir")
+            ),
+        )
+
+    class _Client(NumPyClient):
+        def get_properties(self, config):
+            return {}
+
+    def client_fn(context: Context):
+        seen["client"] = dict(context.run_config)
+        return _Client().to_client()
+
+    def run_simulation(server_app, client_app, num_supernodes, backend_config):
+        assert num_supernodes == 2
+        context = Context(1, 1, {}, RecordDict(), {})  # as Flower gives them
+        server_app(None, context)  # the grid goes to run_rounds only
+        metadata = Metadata(
+            run_id=1,
+            message_id="1",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id="",
+            created_at=time.time(),
+            ttl=60.0,
+            message_type=MessageTypeLegacy.GET_PROPERTIES,
+        )
+        content = getpropertiesins_to_recorddict(GetPropertiesIns({}))
+        client_app(simulation.Message(content, metadata=metadata), context)
+
+    monkeypatch.setattr(simulation, "run_simulation", run_simulation)
+    monkeypatch.setattr(simulation, "server_fn", server_fn)
+    monkeypatch.setattr(simulation, "run_rounds", lambda grid, context, parts: None)
+    simulation.run_tutorial_simulation(2, overrides, client_fn=client_fn)
+    return seen
+
+
+def test_run_tutorial_simulation_runs_the_app_that_flwr_run_runs():
+    components = get_project_config(APP_DIR)["tool"]["flwr"]["app"]["components"]
+    assert components == {
+        "serverapp": "flower_tutorial.server_app:app",
+        "clientapp": "flower_tutorial.client_app:app",
+    }
+    # The ServerApp's main builds with server_fn and runs run_rounds; the ClientApp
+    # is client_fn behind privacy_mod. The simulation uses the same pieces.
+    assert isinstance(server_app.app, ServerApp)
+    assert simulation.server_fn is server_app.server_fn
+    assert simulation.run_rounds is server_app.run_rounds
+    assert simulation.privacy_mod is privacy_mod
+    assert client_app.app._mods == [privacy_mod]
+    parameters = inspect.signature(simulation.run_tutorial_simulation).parameters
+    assert parameters["client_fn"].default is client_app.client_fn
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], [OVERRIDES], *([str(p)] for p in PRESETS)],
+    ids=["defaults", "overrides", *(p.name for p in PRESETS)],
+)
+def test_flwr_run_and_run_tutorial_simulation_fuse_the_same_run_config(
+    tmp_path, monkeypatch, overrides
+):
+    flwr_run = _flwr_run_config(overrides, tmp_path)
+    if overrides and overrides[0].endswith(".toml"):
+        as_python = tomllib.loads(Path(overrides[0]).read_text())
+    else:
+        as_python = parse_config_args(overrides)  # the same values, in Python
+    seen = _simulation_run_configs(monkeypatch, as_python)
+    assert seen["server"] == flwr_run
+    assert seen["client"] == flwr_run
+    # Every type as flwr run gives it, and the same settings from it.
+    assert {k: type(v) for k, v in seen["server"].items()} == {
+        k: type(v) for k, v in flwr_run.items()
+    }
+    assert RunSettings.from_run_config(seen["server"]) == RunSettings.from_run_config(
+        flwr_run
+    )
+
+
+def test_an_unknown_key_is_refused_by_both(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="Key 'num-rounds' is not present"):
+        _flwr_run_config(["num-rounds=3"], tmp_path)
+    with pytest.raises(ValueError, match="Key 'num-rounds' is not present"):
+        _simulation_run_configs(monkeypatch, {"num-rounds": 3})

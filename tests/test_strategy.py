@@ -324,3 +324,47 @@ def test_a_secure_aggregate_becomes_the_model_in_its_dtype(tmp_path):
     ]
     model = _array(strategy.aggregate_fit(1, results, []))
     np.testing.assert_array_equal(model, np.full(SIZE, 0.5, np.float32))
+
+
+def test_updates_in_another_dtype_are_left_out_and_the_rest_averaged(tmp_path):
+    # The model sent is float32: a float64 or an integer update is not averaged in.
+    strategy = _strategy(tmp_path, 4)
+    arrays = [
+        np.full(SIZE, 1.0, np.float32),
+        np.full(SIZE, 5.0, np.float64),
+        np.full(SIZE, 3.0, np.float32),
+        np.full(SIZE, 7, np.int64),
+    ]
+    combined = _array(strategy.aggregate_fit(1, _results(strategy, arrays), []))
+    assert combined.dtype == np.float32
+    np.testing.assert_array_equal(combined, np.full(SIZE, 2.0, np.float32))
+    record = strategy.recorder.rounds[1]
+    assert record["fit_failures"] == [
+        "partition 1: array 0 has dtype float64, expected float32",
+        "partition 3: array 0 has dtype int64, expected float32",
+    ]
+    assert record["fit_examples"] == {"0": 100, "2": 100}
+
+
+def test_two_nodes_of_one_partition_are_both_averaged_and_named_apart(tmp_path):
+    # node-a and node-b both say partition 3: both count, in (partition, node) order.
+    settings = RunSettings.from_run_config(default_run_config())
+    manager = SeededClientManager(timeout=5.0, seed=0)
+    for cid, pid in (("node-b", 3), ("node-a", 3), ("node-c", 1)):
+        proxy = _Proxy(pid)
+        proxy.cid = cid
+        manager.register(proxy)
+    recorder = RunRecorder(tmp_path, {}, settings.data, 2, False)
+    strategy = CheckedStrategy(FedAvg(), client_manager=manager, recorder=recorder)
+    assert len(strategy.configure_fit(1, _sent(), manager)) == 3
+    proxies = manager.all()
+    results = [
+        (proxies["node-b"], _fit_res(np.full(SIZE, 2.0, np.float32), 20)),
+        (proxies["node-c"], _fit_res(np.full(SIZE, 4.0, np.float32), 30)),
+        (proxies["node-a"], _fit_res(np.full(SIZE, 1.0, np.float32), 10)),
+    ]
+    combined = _array(strategy.aggregate_fit(1, results, []))
+    np.testing.assert_allclose(combined, np.full(SIZE, 17 / 6), rtol=1e-6)
+    examples = strategy.recorder.rounds[1]["fit_examples"]
+    assert list(examples.items()) == [("1", 30), ("3", 10), ("3 (node node-b)", 20)]
+    assert strategy.recorder.rounds[1]["fit_failures"] == []

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -33,7 +34,7 @@ import sys
 import time
 import tomllib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -66,6 +67,13 @@ FAST_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 STOP_GRACE = 10.0
 # Passes of stopping: each stops what the previous one's processes started.
 STOP_PASSES = 3
+# Ports a process is started on, at most: `free_port` finds a port free, but
+# another program may take it before the process listens on it.
+PORT_TRIES = 3
+# What a process that found its port taken logs: uvicorn's (Flower's HTTP APIs)
+# "[Errno 98] ... address already in use", Flower's gRPC servers' "Port in server
+# address ... is already in use".
+ADDRESS_IN_USE = re.compile(r"address already in use|is already in use", re.I)
 # A bound, not a measured limit: every SuperNode is a process on this one machine
 # that starts a PyTorch ClientApp process per message (10 SuperNodes on 2 cores
 # took 285 s for one round). 64 leaves room for big machines and stops a typo
@@ -518,28 +526,120 @@ def check_connection(name: str, previous: Deployment | None) -> None:
 
 
 def free_port() -> int:
-    """Return a TCP port on loopback that nothing listens on now."""
+    """Return a TCP port on loopback that nothing listens on now.
+
+    Nothing holds it for the caller: another program may take it before the
+    process it is meant for listens on it (`wait_for_port`, `_wait_serving`).
+    """
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
+class PortTakenError(RuntimeError):
+    """A process exited because another program took the port it was to listen on."""
+
+
+def _listening_sockets(port: int) -> set[str]:
+    """Return the TCP sockets listening on `port` (any address), as /proc names them.
+
+    Those of this network namespace, as `socket:[INODE]`, the link target of a
+    file descriptor in /proc/PID/fd.
+    """
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                # State 0A is LISTEN; the local address ends with the port in hex.
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    sockets.add(f"socket:[{inode}]")
+    return sockets
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether the process `pid` itself holds a socket listening on `port`."""
+    sockets = _listening_sockets(port)
+    if not sockets:
+        return False
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # it exited
+        return False
+    for fd in descriptors:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in sockets:
+                return True
+    return False
+
+
 def wait_for_port(deployment: Deployment, name: str, port: int, timeout: float) -> None:
-    """Wait until `port` accepts connections; fail early if process `name` died."""
+    """Wait until process `name` itself listens on `port`; fail early if it died.
+
+    A port that accepts connections is not enough: another program may have
+    taken it since `free_port` found it free. If `name` exited because of that
+    (its log says the address is in use), PortTakenError.
+    """
+    record = deployment.processes[name]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not deployment.processes[name].running():
-            raise RuntimeError(
-                f"{name} exited while starting; its log ends with:\n"
-                f"{deployment.log_tail(name)}"
-            )
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection((LOOPBACK, port), timeout=1),
-        ):
+        if _listens(record.pid, port):
             return
+        if not record.running():
+            tail = deployment.log_tail(name)
+            error = PortTakenError if ADDRESS_IN_USE.search(tail) else RuntimeError
+            raise error(f"{name} exited while starting; its log ends with:\n{tail}")
         time.sleep(0.2)
     raise RuntimeError(f"{name} did not listen on port {port} within {timeout:g} s.")
+
+
+def _start_on_free_port(launch: Callable[[int], object]) -> int:
+    """Start a process with `launch(port)` on a free port; return the port."""
+    port = free_port()
+    launch(port)
+    return port
+
+
+def _wait_serving(
+    deployment: Deployment,
+    name: str,
+    port: int,
+    launch: Callable[[int], object],
+    timeout: float,
+) -> int:
+    """Wait until process `name` listens on `port`; return the port it listens on.
+
+    If another program took the port before it could listen (PortTakenError), it
+    is started again with `launch` on another free port: PORT_TRIES ports in all.
+    """
+    for tries in range(1, PORT_TRIES + 1):
+        try:
+            wait_for_port(deployment, name, port, timeout)
+            return port
+        except PortTakenError as ex:
+            if tries == PORT_TRIES:
+                raise PortTakenError(
+                    f"{name}: another program took each of the {PORT_TRIES} ports "
+                    f"it was started on before it listened; the last: {ex}"
+                ) from ex
+            port = _start_on_free_port(launch)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def threads_per_supernode(cores: int, supernodes: int) -> int:
+    """Return the PyTorch threads of each SuperNode's ClientApp processes.
+
+    The SuperNodes share the machine's `cores`, as Ray's clients do in simulation:
+    PyTorch's default of one thread per core in every ClientApp process
+    oversubscribes them (measured: rounds 2.3x slower with 3 nodes). At least 1.
+    """
+    if cores < 1 or supernodes < 1:
+        raise ValueError(
+            f"cores = {cores}, supernodes = {supernodes} is not allowed: expected "
+            "both >= 1."
+        )
+    return max(1, cores // supernodes)
 
 
 def _bin(name: str) -> str:
@@ -815,8 +915,10 @@ def start(
     SuperNode i gets ``partition-id=i num-partitions=num_supernodes`` and, if
     `data_paths` has an entry for i, ``data-path``. With `secure` and `renew`,
     new TLS files replace those of an earlier start. Everything is checked
-    before anything is made; if anything fails to start, whatever was started
-    is stopped and the connection removed before the error is raised.
+    before anything is made. A process whose port another program took first is
+    started again on another (`_wait_serving`); if anything fails to start,
+    whatever was started is stopped and the connection removed before the error
+    is raised.
     """
     data_paths = data_paths or {}
     _check_start_args(num_supernodes, data_paths, secure=secure, renew=renew)
@@ -825,19 +927,18 @@ def start(
     security.owned_dir(directory, private=False)
     with _locked(directory):
         _recorded(directory)  # another start may have run since the check above
-        deployment = Deployment(directory.resolve(), connection, free_port(), secure)
+        deployment = Deployment(directory.resolve(), connection, 0, secure)
         try:
             if secure:
                 _prepare_tls(deployment, renew=renew)
-            deployment.spawn("superlink", superlink_argv(deployment))
-            wait_for_port(deployment, "superlink", deployment.superlink_port, timeout)
+            launch = functools.partial(_spawn_superlink, deployment)
+            port = _start_on_free_port(launch)
+            _wait_serving(deployment, "superlink", port, launch, timeout)
             deployment.add_connection()
             ports: dict[str, int] = {}
-            # The SuperNodes share this machine's cores, as Ray's clients do in
-            # simulation: PyTorch's default of one thread per core in every
-            # ClientApp process oversubscribes them (measured: rounds 2.3x slower
-            # with 3 nodes).
-            threads = str(max(1, (os.cpu_count() or 1) // num_supernodes))
+            launches: dict[str, Callable[[int], object]] = {}
+            threads = threads_per_supernode(os.cpu_count() or 1, num_supernodes)
+            env = {"OMP_NUM_THREADS": str(threads)} | FAST_POLL
             for i in range(num_supernodes):
                 name = f"supernode-{i}"
                 key = None
@@ -847,17 +948,38 @@ def start(
                     with contextlib.suppress(AlreadyRegisteredError):
                         register_supernode(deployment, key)
                 config = node_config(i, num_supernodes, data_paths.get(i))
-                ports[name] = port = free_port()
-                argv = supernode_argv(deployment, config, port, key)
-                deployment.spawn(name, argv, {"OMP_NUM_THREADS": threads} | FAST_POLL)
-            # A SuperNode that cannot start (port taken, key refused) fails here,
-            # not later as a run waiting for nodes that never come.
+                launches[name] = functools.partial(
+                    _spawn_supernode, deployment, name, config, key, env
+                )
+                ports[name] = _start_on_free_port(launches[name])
+            # A SuperNode that cannot start (key refused) fails here, not later as
+            # a run waiting for nodes that never come; one whose port was taken
+            # starts again on another.
             for name, port in ports.items():
-                wait_for_port(deployment, name, port, timeout)
+                _wait_serving(deployment, name, port, launches[name], timeout)
         except BaseException:
             _tear_down(deployment)
             raise
     return deployment
+
+
+def _spawn_superlink(deployment: Deployment, port: int) -> ProcessRecord:
+    """Start the deployment's SuperLink on `port` (which SuperNodes then reach)."""
+    deployment.superlink_port = port
+    return deployment.spawn("superlink", superlink_argv(deployment))
+
+
+def _spawn_supernode(
+    deployment: Deployment,
+    name: str,
+    config: str,
+    key: Path | None,
+    env: dict[str, str],
+    port: int,
+) -> ProcessRecord:
+    """Start SuperNode `name` with its node config, its API on `port`."""
+    argv = supernode_argv(deployment, config, port, key)
+    return deployment.spawn(name, argv, env)
 
 
 def stop(directory: Path) -> tuple[Deployment, list[int], bool]:

@@ -1,0 +1,125 @@
+"""Ctrl-C: the first stops the run cleanly, the second interrupts at once.
+
+The handlers are called as functions: no signal is sent to the test process, and
+every test leaves SIGINT's handler as it found it.
+"""
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from flower_tutorial.stopping import RunStoppedError, StoppableGrid, stop_on_ctrl_c
+
+
+@pytest.fixture
+def previous() -> Iterator[list[int]]:
+    """A SIGINT handler of the caller's, in place for the test; it notes each call."""
+    calls: list[int] = []
+
+    def handler(signum, frame) -> None:
+        calls.append(signum)
+
+    original = signal.signal(signal.SIGINT, handler)
+    try:
+        yield calls
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+def test_the_first_ctrl_c_stops_the_run_and_hands_the_next_to_the_caller(
+    previous, caplog
+):
+    caller = signal.getsignal(signal.SIGINT)
+    handler_during_stop = []
+
+    def stop() -> None:
+        handler_during_stop.append(signal.getsignal(signal.SIGINT))
+
+    with stop_on_ctrl_c(stop):
+        ours = signal.getsignal(signal.SIGINT)
+        assert ours is not caller
+        ours(signal.SIGINT, None)  # the first Ctrl-C
+        # stop ran once, and already a Ctrl-C during it would reach the caller's.
+        assert handler_during_stop == [caller]
+        assert previous == []
+        assert "Ctrl-C: stopping the run (press Ctrl-C again to interrupt)." in (
+            caplog.text
+        )
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the second
+        assert previous == [signal.SIGINT]
+        assert len(handler_during_stop) == 1
+    assert signal.getsignal(signal.SIGINT) is caller
+
+
+def test_with_pythons_handler_the_second_ctrl_c_raises_keyboard_interrupt_at_once():
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    stops = []
+    try:
+        with stop_on_ctrl_c(lambda: stops.append("stop")):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            with pytest.raises(KeyboardInterrupt):
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert stops == ["stop"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+def test_the_callers_handler_is_back_after_the_run_without_a_ctrl_c(previous):
+    caller = signal.getsignal(signal.SIGINT)
+    with (
+        pytest.raises(RuntimeError, match="the run failed"),
+        stop_on_ctrl_c(lambda: None),
+    ):
+        assert signal.getsignal(signal.SIGINT) is not caller
+        raise RuntimeError("the run failed")
+    assert signal.getsignal(signal.SIGINT) is caller
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    original = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_ctrl_c(lambda: None):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+def test_outside_the_main_thread_no_handler_is_installed(previous):
+    caller = signal.getsignal(signal.SIGINT)
+    seen = []
+
+    def run() -> None:
+        with stop_on_ctrl_c(lambda: None):
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert seen == [caller]
+
+
+class _SilentGrid:
+    """A grid that takes messages and never replies."""
+
+    pull_interval = 3.0  # Flower's over HTTP
+
+    def push_messages(self, messages) -> list[str]:
+        return [f"message-{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids) -> list:
+        return []
+
+
+def test_a_stop_ends_the_wait_for_replies_at_once():
+    stopped = threading.Event()
+    grid = StoppableGrid(_SilentGrid(), stopped, timeout=30.0)
+    threading.Timer(0.2, stopped.set).start()
+    start = time.monotonic()
+    with pytest.raises(RunStoppedError, match="stopped while waiting for replies"):
+        grid.send_and_receive(["a message"])
+    # Within a poll (0.25 s), not Flower's 3 s, nor the 30 s timeout.
+    assert time.monotonic() - start < 2.0
