@@ -2,6 +2,7 @@
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import ClassLabel, Dataset, Features, Image  # noqa: E402
+from flwr.common import Context, RecordDict  # noqa: E402
 from flwr.common.config import get_project_config  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
@@ -70,6 +72,28 @@ def data_settings(dataset: Path, **overrides: object) -> DataSettings:
     """The default data settings on a local folder, with run-config overrides."""
     config = default_run_config() | {"dataset": str(dataset)} | overrides
     return DataSettings.from_run_config(config)
+
+
+def make_context(run_config: dict, node_config: dict | None = None) -> Context:
+    """A Context as Flower gives a ServerApp or ClientApp (run 1, node 1)."""
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config=node_config or {},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
+
+def run_dir_of(output_dir: Path) -> Path:
+    """The only run folder in `output_dir` (fails unless there is exactly one)."""
+    (run_dir,) = output_dir.iterdir()
+    return run_dir
+
+
+def history_of(output_dir: Path) -> dict:
+    """The history.json of the only run in `output_dir`."""
+    return json.loads((run_dir_of(output_dir) / "history.json").read_text())
 
 
 # Fixtures that start processes: a test using any of them is in the slow tier.
@@ -191,7 +215,8 @@ def _live_descendants(root: int) -> dict[int, str]:
         children.setdefault(int(ppid), []).append(pid)
         info[pid] = (state, name)
     found: dict[int, str] = {}
-    stack = [pid for pid in children.get(root, []) if pid not in _own_helpers()]
+    helpers = _own_helpers()
+    stack = [pid for pid in children.get(root, []) if pid not in helpers]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
@@ -232,10 +257,15 @@ def _kill_descendants() -> dict[int, str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
-    with contextlib.suppress(ChildProcessError):  # reap what we adopted
+    _reap_adopted()
+    return left
+
+
+def _reap_adopted() -> None:
+    """Reap this process's exited children (adopted ones included)."""
+    with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass
-    return left
 
 
 def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
@@ -299,9 +329,12 @@ def assert_nothing_left(grace: float = 60.0) -> None:
     ends as soon as none is left.
     """
     deadline = time.monotonic() + grace
-    while _live_descendants(os.getpid()) and time.monotonic() < deadline:
+    while (left := _live_descendants(os.getpid())) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = _kill_descendants()
+    if left:
+        left = _kill_descendants()
+    else:
+        _reap_adopted()
     assert not left, f"processes left running by the test (now killed): {left}"
 
 

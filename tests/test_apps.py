@@ -3,13 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_TRAIN, make_split
-from flwr.common import (
-    Context,
-    GetParametersIns,
-    RecordDict,
-    parameters_to_ndarrays,
-)
+from conftest import NUM_TRAIN, make_context, make_split
+from flwr.common import GetParametersIns, parameters_to_ndarrays
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from flower_tutorial import task
@@ -21,16 +16,6 @@ from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import Net, get_parameters, load_data, set_seed
 
 NUM_PARTITIONS = 4
-
-
-def _context(run_config: dict, node_config: dict | None = None) -> Context:
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config=node_config or {},
-        state=RecordDict(),
-        run_config=run_config,
-    )
 
 
 @pytest.fixture
@@ -91,7 +76,7 @@ def test_each_training_setting_reaches_fit(run_config, setting):
 
 def test_robust_settings_reach_the_strategy(run_config):
     run_config |= {"aggregation": "krum", "trim-fraction": 0.3, "krum-byzantine": 2}
-    strategy = server_fn(_context(run_config)).strategy
+    strategy = server_fn(make_context(run_config)).strategy
     assert strategy.aggregation == "krum"
     assert strategy.trim_fraction == 0.3
     assert strategy.krum_byzantine == 2
@@ -99,7 +84,7 @@ def test_robust_settings_reach_the_strategy(run_config):
 
 def test_client_fn_builds_the_client_of_its_partition(run_config):
     node_config = {"partition-id": 2, "num-partitions": NUM_PARTITIONS}
-    client = client_fn(_context(run_config, node_config))
+    client = client_fn(make_context(run_config, node_config))
     res = client.get_parameters(GetParametersIns(config={}))  # a flwr Client
     assert len(parameters_to_ndarrays(res.parameters)) == len(get_parameters(Net()))
     numpy_client = client.numpy_client
@@ -131,13 +116,13 @@ def test_client_fn_refuses_a_bad_node_config(
         (tmp_path / "notes.txt").write_text("not a dataset")
         node_config = node_config | {"data-path": str(tmp_path)}
     with pytest.raises(ValueError, match=message):
-        client_fn(_context(run_config, node_config))
+        client_fn(make_context(run_config, node_config))
 
 
 def test_client_fn_builds_a_client_on_its_own_data_folder(run_config, tmp_path):
     make_split(25, 3).to_parquet(str(tmp_path / "train-00000-of-00001.parquet"))
     node_config = {"partition-id": 0, "num-partitions": 1, "data-path": str(tmp_path)}
-    numpy_client = client_fn(_context(run_config, node_config)).numpy_client
+    numpy_client = client_fn(make_context(run_config, node_config)).numpy_client
     assert len(numpy_client.trainloader.dataset) == 20
     assert len(numpy_client.valloader.dataset) == 5
 
@@ -161,7 +146,7 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
         "round-timeout": 30.0,
         "node-wait-timeout": 7.5,
     }
-    components = server_fn(_context(run_config))
+    components = server_fn(make_context(run_config))
     assert isinstance(components.strategy, CheckedStrategy)
     strategy = components.strategy.strategy
     assert isinstance(strategy, FedAvg)
@@ -215,7 +200,7 @@ def test_server_fn_builds_the_strategy_chosen(run_config, name, cls, expected):
         "learning-rate": 0.002,
         "fraction-evaluate": 0.25,
     }
-    components = server_fn(_context(run_config))
+    components = server_fn(make_context(run_config))
     strategy = components.strategy.strategy
     assert type(strategy) is cls
     assert {key: getattr(strategy, key) for key in expected} == expected
@@ -241,7 +226,8 @@ def test_fedprox_pulls_the_update_towards_the_global_model(client):
 
 def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
     def initial(seed: int) -> list[np.ndarray]:
-        strategy = server_fn(_context(run_config | {"seed": seed})).strategy.strategy
+        context = make_context(run_config | {"seed": seed})
+        strategy = server_fn(context).strategy.strategy
         return parameters_to_ndarrays(strategy.initial_parameters)
 
     first, again, other = initial(1), initial(1), initial(2)
@@ -250,7 +236,7 @@ def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
 
 
 def test_a_round_where_every_client_failed_ends_the_run(run_config):
-    strategy = server_fn(_context(run_config)).strategy
+    strategy = server_fn(make_context(run_config)).strategy
     failures = [ValueError("dataset folder not found"), RuntimeError("boom")]
     with pytest.raises(RuntimeError, match=r"All 2 clients failed in round 3 \(fit\)"):
         strategy.aggregate_fit(3, [], failures)

@@ -31,6 +31,7 @@ from conftest import (
     APP_DIR,
     _set_child_subreaper,
     assert_nothing_left,
+    history_of,
     make_split,
 )
 from cryptography import x509
@@ -92,11 +93,6 @@ def _flwr_run(dep: deployment.Deployment, run_config: dict, timeout: float) -> s
     return done.stdout + done.stderr
 
 
-def _history(output_dir: Path) -> dict:
-    (run_dir,) = output_dir.iterdir()
-    return json.loads((run_dir / "history.json").read_text())
-
-
 def _run_config(cifar_dir: Path, output_dir: Path, nodes: int, rounds: int) -> dict:
     return {
         "dataset": str(cifar_dir),
@@ -142,7 +138,7 @@ def test_secured_deployment_admits_registered_supernodes_only(
     stranger = dep.spawn("stranger", argv)
     out = tmp_path / "outputs"
     _flwr_run(dep, _run_config(cifar_dir, out, nodes=2, rounds=1), 300)
-    _assert_trained(_history(out), rounds=1, clients=2)
+    _assert_trained(history_of(out), rounds=1, clients=2)
     deadline = time.monotonic() + 60
     while stranger.running() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -199,7 +195,7 @@ def test_secure_aggregation_survives_a_supernode_killed_mid_round(
         run.kill()
         run.wait()
     log = log_file.read_text()
-    history = _history(out)
+    history = history_of(out)
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2], log[-3000:]
     assert "Secure aggregation" in log

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import first_round_updates, in_process
+from conftest import first_round_updates, history_of, in_process, run_dir_of
 
 from flower_tutorial.task import Net, get_parameters
 
@@ -112,7 +112,7 @@ run_tutorial_simulation(num_supernodes={NODES}, run_config={run_config!r},
 """
     exit_code, output = run_python(code, timeout=240)
     assert exit_code == 0, output[-4000:]
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = run_dir_of(tmp_path)
     history = json.loads((run_dir / "history.json").read_text())
     # Three never said which partition they hold, and were never asked to train.
     left_out = " | ".join(history["nodes_left_out"])
@@ -208,8 +208,7 @@ run_tutorial_simulation(num_supernodes=2, run_config={run_config!r},
 """
     exit_code, output = run_python(code, timeout=240)
     assert exit_code == 0, output[-4000:]
-    (run_dir,) = tmp_path.iterdir()
-    rounds = json.loads((run_dir / "history.json").read_text())["rounds"]
+    rounds = history_of(tmp_path)["rounds"]
     assert rounds[1]["fit_clients"] == 2
     assert rounds[2]["fit_clients"] == 1
     (reason,) = rounds[2]["fit_failures"]

@@ -37,6 +37,8 @@ from conftest import (
     _live_descendants,
     _set_child_subreaper,
     assert_nothing_left,
+    history_of,
+    run_dir_of,
 )
 
 from flower_tutorial.deployment import local as deployment
@@ -307,8 +309,7 @@ def _tls_by_name(hosts: Hosts, dep: deployment.Deployment) -> list[str]:
 def _rounds(output_dir: Path) -> list[dict]:
     """The training rounds the run in `output_dir` completed (none before 1)."""
     with contextlib.suppress(FileNotFoundError, ValueError):
-        (run_dir,) = output_dir.iterdir()
-        history = json.loads((run_dir / "history.json").read_text())
+        history = history_of(output_dir)
         return [r for r in history["rounds"] if r["round"] and "seconds" in r]
     return []
 
@@ -364,12 +365,10 @@ def _reaping(spared: set[int]) -> Iterator[None]:
 
     def reap() -> None:
         while not done.wait(1.0):
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                with contextlib.suppress(OSError, ValueError, ChildProcessError):
-                    fields = stat.read_text().rsplit(")", 1)[1].split()
-                    pid = int(stat.parent.name)
-                    mine = int(fields[1]) == os.getpid() and pid not in spared
-                    if fields[0] == "Z" and mine:
+            for pid, info in deployment._process_table().items():
+                mine = info.ppid == os.getpid() and pid not in spared
+                if info.state == "Z" and mine:
+                    with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
 
     thread = threading.Thread(target=reap, daemon=True)
@@ -512,7 +511,7 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
         finally:
             _stop(run, 0.1)
         completed = [r["round"] for r in _rounds(out)]
-        (run_dir,) = out.iterdir()
+        run_dir = run_dir_of(out)
         resume = config | {"resume-from": str(run_dir)}
         run = _start_run(hosts, dep, resume, tmp_path / "run-2.log")
         spared.add(run.pid)

@@ -4,10 +4,15 @@ import math
 
 import numpy as np
 import pytest
-from conftest import default_run_config, first_round_updates, in_process
+from conftest import (
+    default_run_config,
+    first_round_updates,
+    in_process,
+    make_context,
+)
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
@@ -62,13 +67,7 @@ def _client_update(run_config: dict, clipping_norm: float | None) -> float:
     config = {"server-round": 1}
     if clipping_norm is not None:
         config[KEY_CLIPPING_NORM] = clipping_norm  # what Flower's DP wrapper sends
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 1, "num-partitions": 4},
-        state=RecordDict(),
-        run_config=run_config,
-    )
+    context = make_context(run_config, {"partition-id": 1, "num-partitions": 4})
     reply = client_app(_fit_message(initial, config), context)
     assert not reply.has_error(), reply.error
     sent = parameters_to_ndarrays(
@@ -122,13 +121,8 @@ def test_secaggplus_weighs_every_clipped_update_once(
         return reply
 
     monkeypatch.setattr("flower_tutorial.privacy.secaggplus_mod", secaggplus_mod)
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={},
-        state=RecordDict(),
-        run_config=default_run_config()
-        | {"secure-aggregation": secure_aggregation, "dp": dp},
+    context = make_context(
+        default_run_config() | {"secure-aggregation": secure_aggregation, "dp": dp}
     )
     config = {"server-round": 1, KEY_CLIPPING_NORM: 10.0}
     msg = _fit_message([np.zeros(3, np.float32)], config)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import default_run_config, in_process
+from conftest import default_run_config, in_process, make_context, run_dir_of
 
 from flower_tutorial import checkpoint
 from flower_tutorial.server_app import server_fn
@@ -61,11 +61,6 @@ for overrides in {list(runs.values())!r}:
 """
 
 
-def _run_dir(output_dir: Path) -> Path:
-    (run_dir,) = output_dir.iterdir()
-    return run_dir
-
-
 def _has_checkpoint(output_dir: Path) -> bool:
     """Whether the run in `output_dir` has completed a round (written atomically)."""
     return any(output_dir.glob(f"*/{checkpoint.CHECKPOINT}"))
@@ -98,14 +93,14 @@ def runs(run_python_module, cifar_dir, tmp_path_factory) -> dict[str, Path]:
         interrupt_with=signal.SIGKILL,
     )
     assert code == -signal.SIGKILL, output[-4000:]
-    assert not (_run_dir(out["killed"]) / "final_model.pt").exists()
+    assert not (run_dir_of(out["killed"]) / "final_model.pt").exists()
     resumed = {
-        name: {"output-dir": str(out[name]), "resume-from": str(_run_dir(out[name]))}
+        name: {"output-dir": str(out[name]), "resume-from": str(run_dir_of(out[name]))}
         for name in ("killed", "short")
     }
     code, output = run_python_module(_code(cifar_dir, resumed), 400)
     assert code == 0, output[-4000:]
-    return {name: _run_dir(folder) for name, folder in out.items()}
+    return {name: run_dir_of(folder) for name, folder in out.items()}
 
 
 @pytest.mark.parametrize("name", ["killed", "short"])
@@ -146,7 +141,7 @@ def _saved_run(tmp_path: Path) -> Path:
 def test_resuming_a_folder_that_is_no_run_is_refused(tmp_path):
     config = default_run_config() | {"resume-from": str(tmp_path)}
     with pytest.raises(ValueError, match="resume-from.*holds no checkpoint.pt"):
-        server_fn(_context(config))
+        server_fn(make_context(config))
 
 
 def test_resuming_with_another_config_names_the_keys_that_differ(tmp_path):
@@ -184,11 +179,3 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     torch.save({"evil": print}, path)  # a pickled callable, not data
     with pytest.raises(ValueError, match="cannot be read"):
         checkpoint.load(path.parent)
-
-
-def _context(run_config: dict):
-    from flwr.common import Context, RecordDict
-
-    return Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )

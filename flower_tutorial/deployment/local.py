@@ -304,7 +304,7 @@ def _groups(procs: Sequence[_Pinned]) -> list[ProcessRecord]:
     """Return the process groups of `procs`, as records of exited leaders.
 
     `_pin_trees` then takes members that run Flower's programs and started no
-    earlier than the group's first process stopped.
+    earlier than the group's earliest pinned member started.
     """
     first: dict[int, int] = {}
     for proc in procs:
