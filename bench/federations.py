@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 
-def run_federation(run_config: dict[str, Any], num_supernodes: int = 10) -> dict:
-    """Simulate one federation with `run_config` overrides; return its history."""
+def run_federation(run_config: dict[str, Any]) -> dict:
+    """Simulate 10 organizations with `run_config` overrides; return the history."""
     code = (
         "from flower_tutorial.simulation import run_tutorial_simulation\n"
-        f"print(run_tutorial_simulation({num_supernodes}, run_config={run_config!r}))"
+        f"print(run_tutorial_simulation(10, run_config={run_config!r}))"
     )
     env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
@@ -30,6 +30,11 @@ def run_federation(run_config: dict[str, Any], num_supernodes: int = 10) -> dict
         raise RuntimeError(f"the run failed:\n{done.stderr[-3000:]}")
     run_dir = Path(done.stdout.strip().splitlines()[-1])
     return json.loads((run_dir / "history.json").read_text())
+
+
+def later_mean(seconds: list[float]) -> float:
+    """Return the mean of the round times after round 1 (0 if there are none)."""
+    return sum(seconds[1:]) / max(1, len(seconds) - 1)
 
 
 def write_between_markers(path: Path, start: str, end: str, text: str) -> None:

@@ -7,10 +7,10 @@ what is left is Flower's and Ray's start-up and messaging.
 
 from __future__ import annotations
 
-from flwr.client import Client, ClientApp, NumPyClient
+from flwr.client import Client, NumPyClient
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
-from flwr.server import ServerAppComponents, ServerConfig
-from tutorial_pipeline import tutorial_fedavg  # bench/
+from flwr.server.strategy import FedAvg
+from tutorial_pipeline import federation_apps, tutorial_fedavg  # bench/
 
 from flower_tutorial.task import Net, get_parameters
 
@@ -37,13 +37,10 @@ def make_apps(num_clients: int, rounds: int):  # noqa: ANN201
     def client_fn(context: Context) -> Client:
         return IdleClient().to_client()
 
-    def server_fn(context: Context) -> ServerAppComponents:
-        strategy = tutorial_fedavg(
+    def strategy() -> FedAvg:
+        return tutorial_fedavg(
             num_clients,
             initial_parameters=ndarrays_to_parameters(get_parameters(Net())),
         )
-        return ServerAppComponents(
-            strategy=strategy, config=ServerConfig(num_rounds=rounds)
-        )
 
-    return server_fn, ClientApp(client_fn=client_fn)
+    return federation_apps(strategy, client_fn, rounds)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import federations  # bench/
-from federations import write_between_markers
+from federations import later_mean, write_between_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 5
@@ -39,7 +39,7 @@ def _row(name: str, history: dict[str, Any]) -> str:
     rounds = history["rounds"][1:]
     epsilon = rounds[-1].get("epsilon")
     shown = "" if epsilon is None else f"{epsilon:,.1f}"
-    seconds = sum(r["seconds"] for r in rounds[1:]) / max(1, len(rounds) - 1)
+    seconds = later_mean([r["seconds"] for r in rounds])
     return (
         f"| {name} | **{rounds[-1]['centralized_accuracy']:.1%}** | {shown} "
         f"| {rounds[0]['seconds']:.1f} | {seconds:.1f} |"

@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from federations import write_between_markers  # noqa: E402 - bench/
+from federations import later_mean, write_between_markers  # noqa: E402 - bench/
 
 # docs/performance.md holds the report between these two lines.
 REPORT_START = (
@@ -35,10 +35,6 @@ SCALE_HEADER = (
 )
 
 
-def _later(rounds: list[float]) -> float:
-    return sum(rounds[1:]) / max(1, len(rounds) - 1)
-
-
 def _row(name: str, r: dict[str, Any], floor: dict[str, Any]) -> str:
     rounds = r.get("round_seconds")
     cells = [
@@ -48,7 +44,7 @@ def _row(name: str, r: dict[str, Any], floor: dict[str, Any]) -> str:
         f"{r['wall_seconds']:.1f}",
         f"{r.get('server_seconds', r.get('seconds')):.1f}",
         f"{r['startup_seconds']:.1f}" if "startup_seconds" in r else "",
-        f"{rounds[0]:.1f} / {_later(rounds):.1f}" if rounds else "",
+        f"{rounds[0]:.1f} / {later_mean(rounds):.1f}" if rounds else "",
         f"{r['samples_per_second']:,.0f}",
         f"{r['samples_per_second'] / floor['samples_per_second']:.0%}",
         f"{r['peak_rss_mb'] / 1024:.2f}",
@@ -79,7 +75,7 @@ def _scale_row(r: dict[str, Any]) -> str:
         spec["rounds"],
         f"{r['startup_seconds']:.1f}",
         f"{rounds[0]:.1f}",
-        f"{_later(rounds):.1f}",
+        f"{later_mean(rounds):.1f}",
         f"{r['peak_rss_mb'] / 1024:.2f}",
     ]
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -102,9 +98,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, str, str]]:
         ),
         (
             "round 1 / later round, same run",
-            b["round_seconds"][0] / _later(b["round_seconds"]),
+            b["round_seconds"][0] / later_mean(b["round_seconds"]),
             "<= 2",
-            _verdict(b["round_seconds"][0] / _later(b["round_seconds"]), 2, True),
+            _verdict(b["round_seconds"][0] / later_mean(b["round_seconds"]), 2, True),
         ),
     ]
     for cpus in ("", "_cpu2"):
@@ -188,7 +184,7 @@ floor (c) plus (d) is {overhead / floor["seconds"]:.2f}x the floor, before any
 evaluation, so 1.25x cannot be reached on this machine; the app spends
 {b["server_seconds"] - overhead:.1f} s more than both, evaluating the model on the
 server and on the clients every round. Without (d)'s start-up, the app's round 1
-takes {app_round_1:.1f} s, {app_round_1 / _later(b["round_seconds"]):.2f}x a later
+takes {app_round_1:.1f} s, {app_round_1 / later_mean(b["round_seconds"]):.2f}x a later
 round. No pipeline can be faster than (c) plus (d): the tutorial's code at 1 CPU per
 client is {a["server_seconds"] / overhead:.2f}x that bound, which caps how much
 faster than it any app can be. In a deployment every message starts a fresh

@@ -97,7 +97,7 @@ def _best_of_each(histories: dict[str, dict[str, Any]]) -> list[str]:
     best: dict[str, str] = {}
     for name, history in histories.items():
         family = name if "IID" in name else name.split()[0]
-        final = history["rounds"][-1]["centralized_accuracy"]
+        final = _final(history)
         if family not in best or final > _final(histories[best[family]]):
             best[family] = name
     return list(best.values())

@@ -10,13 +10,14 @@ The model is the app's `Net`, which is the tutorial's CNN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Context, Metrics
 from flwr.server import ServerAppComponents, ServerConfig
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import FedAvg, Strategy
 from flwr_datasets import FederatedDataset
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -120,8 +121,26 @@ def tutorial_fedavg(num_clients: int, **kwargs: Any) -> FedAvg:
     )
 
 
+def federation_apps(
+    make_strategy: Callable[[], Strategy],
+    client_fn: Callable[[Context], Client],
+    rounds: int,
+) -> tuple[Callable[[Context], ServerAppComponents], ClientApp]:
+    """Return (server_fn, client_app): `rounds` rounds of `make_strategy()`'s strategy.
+
+    The strategy is made anew in each `server_fn` call.
+    """
+
+    def server_fn(context: Context) -> ServerAppComponents:
+        return ServerAppComponents(
+            strategy=make_strategy(), config=ServerConfig(num_rounds=rounds)
+        )
+
+    return server_fn, ClientApp(client_fn=client_fn)
+
+
 def make_apps(dataset: str, num_clients: int, rounds: int):
-    """Return the tutorial's (server_fn, client_fn) for this federation."""
+    """Return the tutorial's (server_fn, client_app) for this federation."""
 
     def client_fn(context: Context) -> Client:
         net = Net().to(DEVICE)
@@ -129,12 +148,9 @@ def make_apps(dataset: str, num_clients: int, rounds: int):
         trainloader, valloader = load_datasets(partition_id, num_clients, dataset)
         return FlowerClient(net, trainloader, valloader).to_client()
 
-    def server_fn(context: Context) -> ServerAppComponents:
-        strategy = tutorial_fedavg(
+    def strategy() -> FedAvg:
+        return tutorial_fedavg(
             num_clients, evaluate_metrics_aggregation_fn=weighted_average
         )
-        return ServerAppComponents(
-            strategy=strategy, config=ServerConfig(num_rounds=rounds)
-        )
 
-    return server_fn, ClientApp(client_fn=client_fn)
+    return federation_apps(strategy, client_fn, rounds)
