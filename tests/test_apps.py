@@ -12,7 +12,7 @@ from flwr.common import (
 )
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from flower_tutorial import task
+from flower_tutorial import client_app, task
 from flower_tutorial.client_app import FlowerClient, client_fn
 from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import NodeSettings, RunSettings
@@ -59,6 +59,56 @@ def test_fit_is_reproducible_for_the_same_round(client):
     other, _, _ = client.fit(initial, {"server-round": 4})
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_fit_seeds_its_shuffling_with_the_run_seed_partition_and_round(
+    client, monkeypatch
+):
+    seeds = []
+    monkeypatch.setattr(client_app, "set_seed", lambda *seed: seeds.append(seed))
+    monkeypatch.setattr(client_app, "train", lambda *args, **kwargs: 1.0)
+    client.fit(get_parameters(Net()), {"server-round": 3})
+    assert seeds == [(42, 1, 3)]  # the default seed, partition 1, round 3
+
+
+def test_get_properties_names_the_nodes_partition_and_their_number(client):
+    assert client.get_properties({}) == {"partition-id": 1, "num-partitions": 4}
+
+
+def test_the_client_loads_trains_and_evaluates_on_the_device_get_device_picks(
+    monkeypatch, run_config, tmp_path
+):
+    # A GPU, as get_device would pick it there; the spies never use it.
+    gpu = torch.device("cuda", 1)
+    settings = RunSettings.from_run_config(run_config)
+    loaders = load_data(1, NUM_PARTITIONS, settings.data)
+    calls = []
+
+    def load(*args):
+        calls.append(("load", args[-1]))
+        return loaders
+
+    def train(net, trainloader, epochs, learning_rate, device, proximal_mu):
+        calls.append(("train", device))
+        return 1.0
+
+    def test(net, testloader, device):
+        calls.append(("test", device))
+        return 0.5, 0.25
+
+    monkeypatch.setattr(client_app, "get_device", lambda: gpu)
+    monkeypatch.setattr(client_app, "load_data", load)
+    monkeypatch.setattr(client_app, "load_local_data", load)
+    monkeypatch.setattr(client_app, "train", train)
+    monkeypatch.setattr(client_app, "test", test)
+    node_config = {"partition-id": 1, "num-partitions": NUM_PARTITIONS}
+    numpy_client = client_fn(_context(run_config, node_config)).numpy_client
+    assert numpy_client.device == gpu
+    initial = get_parameters(Net())
+    numpy_client.fit(initial, {"server-round": 1})
+    assert numpy_client.evaluate(initial, {})[0] == 0.5
+    client_fn(_context(run_config, node_config | {"data-path": str(tmp_path)}))
+    assert calls == [("load", gpu), ("train", gpu), ("test", gpu), ("load", gpu)]
 
 
 def test_evaluate_returns_loss_examples_and_accuracy(client):
