@@ -74,10 +74,12 @@ def data_settings(dataset: Path, **overrides: object) -> DataSettings:
     return DataSettings.from_run_config(config)
 
 
-def make_context(run_config: dict, node_config: dict | None = None) -> Context:
-    """A Context as Flower gives a ServerApp or ClientApp (run 1, node 1)."""
+def make_context(
+    run_config: dict, node_config: dict | None = None, run_id: int = 1
+) -> Context:
+    """A Context as Flower gives a ServerApp or ClientApp (node 1)."""
     return Context(
-        run_id=1,
+        run_id=run_id,
         node_id=1,
         node_config=node_config or {},
         state=RecordDict(),

@@ -1,19 +1,41 @@
 """The ClientApp's FlowerClient and client_fn, and the ServerApp's pieces."""
 
+import math
+import random
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from conftest import NUM_TRAIN, make_context, make_split
 from flwr.common import GetParametersIns, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from flower_tutorial import task
+from flower_tutorial import checkpoint, client_app, server_app, task
 from flower_tutorial.client_app import FlowerClient, client_fn
 from flower_tutorial.client_manager import SeededClientManager
-from flower_tutorial.config import NodeSettings, RunSettings
-from flower_tutorial.server_app import server_fn, weighted_average
+from flower_tutorial.config import (
+    DataSettings,
+    NodeSettings,
+    PrivacySettings,
+    RunSettings,
+)
+from flower_tutorial.privacy import AdaptiveClipping, FixedClipping, PrivacyLedger
+from flower_tutorial.server_app import (
+    centralized_evaluation,
+    run_rounds,
+    server_fn,
+    weighted_average,
+)
 from flower_tutorial.strategy import CheckedStrategy
-from flower_tutorial.task import Net, get_parameters, load_data, set_seed
+from flower_tutorial.task import (
+    Net,
+    get_parameters,
+    load_data,
+    load_test_data,
+    set_seed,
+)
 
 NUM_PARTITIONS = 4
 
@@ -44,6 +66,56 @@ def test_fit_is_reproducible_for_the_same_round(client):
     other, _, _ = client.fit(initial, {"server-round": 4})
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_fit_seeds_its_shuffling_with_the_run_seed_partition_and_round(
+    client, monkeypatch
+):
+    seeds = []
+    monkeypatch.setattr(client_app, "set_seed", lambda *seed: seeds.append(seed))
+    monkeypatch.setattr(client_app, "train", lambda *args, **kwargs: 1.0)
+    client.fit(get_parameters(Net()), {"server-round": 3})
+    assert seeds == [(42, 1, 3)]  # the default seed, partition 1, round 3
+
+
+def test_get_properties_names_the_nodes_partition_and_their_number(client):
+    assert client.get_properties({}) == {"partition-id": 1, "num-partitions": 4}
+
+
+def test_the_client_loads_trains_and_evaluates_on_the_device_get_device_picks(
+    monkeypatch, run_config, tmp_path
+):
+    # A GPU, as get_device would pick it there; the spies never use it.
+    gpu = torch.device("cuda", 1)
+    settings = RunSettings.from_run_config(run_config)
+    loaders = load_data(1, NUM_PARTITIONS, settings.data)
+    calls = []
+
+    def load(*args):
+        calls.append(("load", args[-1]))
+        return loaders
+
+    def train(net, trainloader, epochs, learning_rate, device, proximal_mu):
+        calls.append(("train", device))
+        return 1.0
+
+    def test(net, testloader, device):
+        calls.append(("test", device))
+        return 0.5, 0.25
+
+    monkeypatch.setattr(client_app, "get_device", lambda: gpu)
+    monkeypatch.setattr(client_app, "load_data", load)
+    monkeypatch.setattr(client_app, "load_local_data", load)
+    monkeypatch.setattr(client_app, "train", train)
+    monkeypatch.setattr(client_app, "test", test)
+    node_config = {"partition-id": 1, "num-partitions": NUM_PARTITIONS}
+    numpy_client = client_fn(make_context(run_config, node_config)).numpy_client
+    assert numpy_client.device == gpu
+    initial = get_parameters(Net())
+    numpy_client.fit(initial, {"server-round": 1})
+    assert numpy_client.evaluate(initial, {})[0] == 0.5
+    client_fn(make_context(run_config, node_config | {"data-path": str(tmp_path)}))
+    assert calls == [("load", gpu), ("train", gpu), ("test", gpu), ("load", gpu)]
 
 
 def test_evaluate_returns_loss_examples_and_accuracy(client):
@@ -145,6 +217,8 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
         "fraction-evaluate": 0.25,
         "round-timeout": 30.0,
         "node-wait-timeout": 7.5,
+        "fraction-fit": 0.5,
+        "seed": 7,
     }
     components = server_fn(make_context(run_config))
     assert isinstance(components.strategy, CheckedStrategy)
@@ -155,7 +229,9 @@ def test_server_fn_builds_fedavg_from_the_run_config(run_config):
     assert isinstance(components.client_manager, SeededClientManager)
     assert components.client_manager.timeout == 7.5
     assert components.strategy.client_manager is components.client_manager
-    assert strategy.fraction_fit == 1.0
+    # The client manager samples with the run's seed.
+    assert components.client_manager.sampler_state() == random.Random(7).getstate()
+    assert strategy.fraction_fit == 0.5
     assert strategy.fraction_evaluate == 0.25
     assert strategy.min_fit_clients == 10
     assert strategy.min_evaluate_clients == 5
@@ -251,3 +327,254 @@ def test_too_few_nodes_end_the_run_with_what_to_change():
     message = str(err.value)
     assert "needs 10 SuperNodes but only 0 connected" in message
     assert '--federation-config "num-supernodes=10"' in message
+
+
+def test_server_fn_records_into_a_new_folder_named_after_the_run(run_config):
+    run_config |= {"num-server-rounds": 3, "save-best-model": True}
+    recorder = server_fn(make_context(run_config, run_id=77)).strategy.recorder
+    assert recorder.run_dir.parent == Path(run_config["output-dir"]).resolve()
+    assert recorder.run_dir.name.endswith("-77") and recorder.run_dir.is_dir()
+    assert recorder.run_config == run_config
+    assert recorder.data == RunSettings.from_run_config(run_config).data
+    assert recorder.num_rounds == 3
+    assert recorder.save_best_model is True
+    run_config["save-best-model"] = False
+    recorder = server_fn(make_context(run_config)).strategy.recorder
+    assert recorder.save_best_model is False
+
+
+def _expected_evaluation(run_config: dict, parameters: list) -> tuple:
+    """What the tutorial's `test` gives for `parameters` on the whole test split."""
+    net, device = Net(), task.get_device()
+    task.set_parameters(net, parameters)
+    testloader = load_test_data(RunSettings.from_run_config(run_config).data, device)
+    loss, accuracy = task.test(net, testloader, device)
+    return loss, {"accuracy": accuracy}
+
+
+def test_centralized_evaluation_is_the_tutorials_test_on_the_test_split(run_config):
+    evaluate = centralized_evaluation(RunSettings.from_run_config(run_config).data)
+    set_seed(3)
+    parameters = get_parameters(Net())  # not the model it was made with
+    assert evaluate(2, parameters, {}) == _expected_evaluation(run_config, parameters)
+
+
+def test_centralized_evaluation_decodes_and_evaluates_on_the_device_get_device_picks(
+    monkeypatch, run_config
+):
+    # A GPU, as get_device would pick it there; the spies never use it.
+    gpu = torch.device("cuda", 1)
+    testloader = load_test_data(RunSettings.from_run_config(run_config).data)
+    calls = []
+
+    def load(*args):
+        calls.append(("load", args[-1]))
+        return testloader
+
+    def test(net, loader, device):
+        calls.append(("test", device))
+        return 0.5, 0.25
+
+    monkeypatch.setattr(server_app, "get_device", lambda: gpu)
+    monkeypatch.setattr(server_app, "load_test_data", load)
+    monkeypatch.setattr(server_app, "test", test)
+    evaluate = centralized_evaluation(RunSettings.from_run_config(run_config).data)
+    assert evaluate(1, get_parameters(Net()), {}) == (0.5, {"accuracy": 0.25})
+    assert calls == [("load", gpu), ("test", gpu)]
+
+
+def test_server_fn_evaluates_the_global_model_centrally_only_when_asked(run_config):
+    inner = server_fn(make_context(run_config)).strategy.strategy
+    parameters = parameters_to_ndarrays(inner.initial_parameters)
+    assert inner.evaluate(0, inner.initial_parameters) == _expected_evaluation(
+        run_config, parameters
+    )
+    run_config["centralized-evaluation"] = False
+    inner = server_fn(make_context(run_config)).strategy.strategy
+    assert inner.evaluate_fn is None
+    assert inner.evaluate(0, inner.initial_parameters) is None
+
+
+@pytest.mark.parametrize(
+    ("dp", "wrapper"),
+    [("central-fixed", FixedClipping), ("central-adaptive", AdaptiveClipping)],
+)
+def test_server_fn_wraps_the_strategy_in_central_dp(run_config, dp, wrapper):
+    run_config |= {
+        "dp": dp,
+        "dp-noise-multiplier": 0.4,
+        "dp-clipping-norm": 2.5,
+        "min-fit-clients": 6,
+        "min-available-clients": 6,
+    }
+    checked = server_fn(make_context(run_config)).strategy
+    assert type(checked.strategy) is wrapper
+    assert type(checked.strategy.strategy) is FedAvg
+    assert checked.strategy.strategy.min_fit_clients == 6
+    assert checked.strategy.num_sampled_clients == 6  # until a round samples
+    assert checked.strategy.clipping_norm == 2.5
+    if dp == "central-fixed":
+        assert checked.strategy.noise_multiplier == 0.4
+    else:
+        # Part of the noise goes to the count of clipped updates: std 6 / 20.
+        assert checked.strategy.clipped_count_stddev == 0.3
+        assert checked.strategy.noise_multiplier == pytest.approx(
+            (0.4**-2 - (2 * 0.3) ** -2) ** -0.5
+        )
+
+
+@pytest.mark.parametrize("dp", ["none", "local", "central-fixed", "central-adaptive"])
+def test_server_fn_counts_the_privacy_spent_under_dp_only(run_config, dp):
+    run_config |= {
+        "dp": dp,
+        "dp-noise-multiplier": 0.4,
+        "dp-local-epsilon": 5.0,
+        "dp-delta": 1e-4,
+        "dp-max-epsilon": 8.0,
+    }
+    checked = server_fn(make_context(run_config)).strategy
+    assert checked.central_dp is dp.startswith("central")
+    if dp == "none":
+        assert checked.privacy is None
+        return
+    assert isinstance(checked.privacy, PrivacyLedger)
+    assert (checked.privacy.delta, checked.privacy.max_epsilon) == (1e-4, 8.0)
+    # Local DP: LocalDpMod's noise, sqrt(2 ln(1.25 / delta)) / epsilon.
+    expected = 0.4 if dp != "local" else math.sqrt(2 * math.log(1.25e4)) / 5.0
+    assert checked.privacy.noise_multiplier == expected
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_server_fn_tells_the_checks_whether_updates_come_secured(run_config, secure):
+    run_config["secure-aggregation"] = secure
+    assert server_fn(make_context(run_config)).strategy.secure_aggregation is secure
+
+
+def _save_run(run_dir: Path, run_config: dict) -> checkpoint.Checkpoint:
+    """A checkpoint of a run of `run_config` after its round 2 (of 2)."""
+    set_seed(9)
+    numpy_rng, python_rng = checkpoint.random_states()
+    saved = checkpoint.Checkpoint(
+        server_round=2,
+        model=get_parameters(Net()),
+        history={
+            "run_config": run_config | {"num-server-rounds": 2},
+            "rounds": [{"round": r} for r in range(3)],
+            "num_partitions": 10,
+            "nodes_left_out": [],
+            "best_round": None,
+        },
+        strategy={},
+        privacy=None,
+        sampler=random.Random(5).getstate(),
+        numpy_rng=numpy_rng,
+        python_rng=python_rng,
+    )
+    run_dir.mkdir()
+    checkpoint.save(saved, run_dir)
+    return saved
+
+
+def test_server_fn_resumes_a_saved_run_in_its_own_folder(run_config, tmp_path):
+    run_dir = tmp_path / "run"
+    saved = _save_run(run_dir, run_config)
+    # Extended from 2 rounds to 4: a change a resumed run may make.
+    resumed = run_config | {"resume-from": str(run_dir), "num-server-rounds": 4}
+    components = server_fn(make_context(resumed))
+    checked = components.strategy
+    initial = parameters_to_ndarrays(checked.strategy.initial_parameters)
+    assert all(np.array_equal(a, b) for a, b in zip(initial, saved.model, strict=True))
+    assert checked.first_round == 3
+    assert [r["after_round"] for r in checked.recorder.resumed] == [2]
+    assert components.client_manager.sampler_state() == saved.sampler
+    assert checked.recorder.run_dir == run_dir.resolve()
+    assert not Path(run_config["output-dir"]).exists()  # no new run folder
+
+
+def test_server_fn_refuses_to_resume_a_run_with_another_config(run_config, tmp_path):
+    run_dir = tmp_path / "run"
+    _save_run(run_dir, run_config)
+    resumed = run_config | {"resume-from": str(run_dir), "num-server-rounds": 4}
+    with pytest.raises(
+        ValueError,
+        match=r"differs from the saved run's in learning-rate = 0\.001 -> 0\.5\. Only",
+    ):
+        server_fn(make_context(resumed | {"learning-rate": 0.5}))
+    with pytest.raises(ValueError, match="'num-server-rounds' = 2 leaves nothing"):
+        server_fn(make_context(resumed | {"num-server-rounds": 2}))
+    assert not Path(run_config["output-dir"]).exists()
+
+
+def _components() -> ServerAppComponents:
+    """Components as server_fn makes them; run_rounds only hands them on."""
+    return ServerAppComponents(
+        strategy=FedAvg(),
+        config=ServerConfig(num_rounds=3, round_timeout=30.0),
+        client_manager=SeededClientManager(timeout=5.0, seed=0),
+    )
+
+
+def _not_called(*args, **kwargs) -> None:
+    pytest.fail(f"called with {args}, {kwargs}")
+
+
+def test_run_rounds_runs_flowers_legacy_loop_without_secure_aggregation(
+    monkeypatch, run_config
+):
+    calls = []
+    monkeypatch.setattr(server_app, "start_grid", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(server_app, "DefaultWorkflow", _not_called)
+    grid, components = object(), _components()
+    run_rounds(grid, make_context(run_config), components)
+    (call,) = calls
+    assert call.keys() == {"grid", "config", "strategy", "client_manager"}
+    assert call["grid"] is grid
+    assert call["config"] is components.config
+    assert call["strategy"] is components.strategy
+    assert call["client_manager"] is components.client_manager
+
+
+def test_run_rounds_runs_secaggplus_in_flowers_default_workflow(
+    monkeypatch, run_config
+):
+    run_config |= {"secure-aggregation": True, "secagg-num-shares": 4}
+    fit_workflow, stoppable_grid = object(), object()
+    made, ran, secured, stoppable = [], [], [], []
+
+    class Workflow:
+        def __init__(self, **kwargs) -> None:
+            made.append(kwargs)
+
+        def __call__(self, grid, context) -> None:
+            ran.append((grid, context))
+
+    def secure_fit_workflow(privacy, data):
+        secured.append((privacy, data))
+        return fit_workflow
+
+    def wrap(grid, timeout=None):
+        stoppable.append((grid, timeout))
+        return stoppable_grid
+
+    grid, components, context = object(), _components(), make_context(run_config)
+    monkeypatch.setattr(server_app, "start_grid", _not_called)
+    monkeypatch.setattr(server_app, "DefaultWorkflow", Workflow)
+    monkeypatch.setattr(server_app, "secure_fit_workflow", secure_fit_workflow)
+    monkeypatch.setattr(components.client_manager, "stoppable", wrap)
+    run_rounds(grid, context, components)
+    assert secured == [
+        (
+            PrivacySettings.from_run_config(run_config),
+            DataSettings.from_run_config(run_config),
+        )
+    ]
+    assert made == [{"fit_workflow": fit_workflow}]
+    # Its waits for replies end at round-timeout, or when the run is stopped.
+    assert stoppable == [(grid, 30.0)]
+    ((workflow_grid, legacy),) = ran
+    assert workflow_grid is stoppable_grid
+    assert isinstance(legacy, LegacyContext)
+    assert legacy.config is components.config
+    assert legacy.strategy is components.strategy
+    assert legacy.client_manager is components.client_manager
+    assert (legacy.run_id, legacy.run_config) == (1, run_config)

@@ -35,6 +35,8 @@ def test_a_sound_update_passes():
     assert (
         check_update(_fit(metrics={"train_loss": 0.0, "note": "x"}), REFERENCE) is None
     )
+    # One example is the fewest a client can train on, and is enough.
+    assert check_update(_fit(num_examples=1), REFERENCE) is None
 
 
 @pytest.mark.parametrize(
@@ -118,6 +120,10 @@ def _evaluation(loss=1.0, num_examples=5, metrics=None) -> EvaluateRes:
     [
         (_evaluation(), None),
         (_evaluation(metrics={"accuracy": 1}), None),
+        (_evaluation(loss=0.0), None),
+        (_evaluation(loss=0.25), None),
+        (_evaluation(num_examples=1), None),
+        (_evaluation(loss=float("inf")), "loss = inf, expected a finite number >= 0"),
         (_evaluation(loss=float("nan")), "loss = nan, expected a finite number >= 0"),
         (_evaluation(loss="1.0"), "loss = '1.0', expected a finite number >= 0"),
         (_evaluation(loss=-0.5), "loss = -0.5, expected a finite number >= 0"),

@@ -24,6 +24,7 @@ from flwr.server.strategy import (
     Strategy,
 )
 
+from flower_tutorial.aggregation import robust_combination
 from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import RunSettings
 from flower_tutorial.recording import RunRecorder
@@ -159,6 +160,25 @@ def test_krum_returns_exactly_one_clean_update(tmp_path):
     poisoned = np.full(SIZE, 1e4, np.float32)
     combined = _combined(tmp_path, "krum", [*clean, poisoned], krum_byzantine=1)
     assert sum(_same(combined, c) for c in clean) == 1
+
+
+def test_krum_returns_the_chosen_update_bit_for_bit_whatever_its_examples():
+    # Multi-Krum of one would average the chosen update with itself, weighted:
+    # (x * n) / n, which rounds some float32 values of x away (11 of these 50).
+    rng = np.random.default_rng(4)
+    clean = [rng.normal(1, 0.1, SIZE).astype(np.float32) for _ in range(4)]
+    poisoned = np.full(SIZE, 1e4, np.float32)
+    results = [_fit_res(a, 10 + 7 * i) for i, a in enumerate([*clean, poisoned])]
+    (combined,) = robust_combination("krum", results, 0.2, 1)
+    assert sum(np.array_equal(combined, c) for c in clean) == 1
+
+
+def test_an_unknown_robust_rule_is_refused_naming_the_rules():
+    with pytest.raises(ValueError) as err:
+        robust_combination("mean", [_fit_res(np.zeros(SIZE, np.float32))], 0.2, 1)
+    assert str(err.value) == (
+        "unknown robust rule 'mean': expected one of ('median', 'trimmed-mean', 'krum')"
+    )
 
 
 def test_fedavg_weighs_each_client_by_its_examples(tmp_path):
