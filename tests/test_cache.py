@@ -194,6 +194,44 @@ def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(
     assert "the run goes on without it" in caplog.text
 
 
+def _small() -> Decoded:
+    return Decoded({"s": (torch.arange(6, dtype=torch.uint8), torch.arange(3))}, ["a"])
+
+
+def test_peek_returns_an_entry_only_when_the_cache_holds_it(tmp_path):
+    cache, key = DecodedCache(tmp_path), {"what": "peek"}
+    assert cache.peek(key) is None  # not stored yet
+    cache.get(key, _small)
+    found = cache.peek(key)
+    assert found is not None and found.class_names == ["a"]
+    for got, want in zip(found.splits["s"], _small().splits["s"], strict=True):
+        assert torch.equal(got, want)
+    assert cache.peek({"what": "another"}) is None
+    assert cache.peek(None) is None  # data of unknown origin is never cached
+    assert DecodedCache(None).peek(key) is None  # the cache is off
+
+
+def test_an_unwritable_cache_folder_is_warned_about_once_with_the_reason(
+    tmp_path, caplog
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    expected = []
+    for root in (blocker / "cache", blocker / "other"):
+        with pytest.raises(OSError) as err:  # what the cache meets
+            root.mkdir(parents=True, exist_ok=True)
+        expected.append(
+            f"Cannot write the data cache in {root} ({err.value}): the run goes on "
+            "without it."
+        )
+    for root, what in ((blocker / "cache", "a"), (blocker / "cache", "b")):
+        assert DecodedCache(root).get({"what": what}, _small).class_names == ["a"]
+    DecodedCache(blocker / "other").get({"what": "a"}, _small)
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    warned = [m for m in messages if m.startswith("Cannot write")]
+    assert warned == expected  # once per folder, not once per entry
+
+
 def _build_slowly(marker_dir: str, key: dict, root: str, out) -> None:
     def build():
         # Leave a mark per build, and take long enough for the other to arrive.

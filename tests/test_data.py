@@ -2,11 +2,20 @@
 
 import hashlib
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_TEST, NUM_TRAIN, data_settings, make_split, write_hub_layout
-from datasets import Value, load_dataset
+from conftest import (
+    CIFAR10_CLASSES,
+    NUM_TEST,
+    NUM_TRAIN,
+    data_settings,
+    make_split,
+    write_hub_layout,
+)
+from datasets import ClassLabel, Dataset, Features, Image, Value, load_dataset
+from PIL import Image as PILImage
 from torchvision.transforms import Compose, Normalize, ToTensor
 
 from flower_tutorial import data as pipeline
@@ -259,11 +268,33 @@ def test_a_local_data_folder_is_split_80_20_like_a_partition(tmp_path, cifar_dir
     data = data_settings(cifar_dir, **{"batch-size": 8})
     trainloader, valloader = task.load_local_data(folder, data)
     assert (len(trainloader.dataset), len(valloader.dataset)) == (40, 10)
+    assert (len(trainloader), len(valloader)) == (5, 2)  # batches, the last short
+    assert [len(b["label"]) for b in valloader] == [8, 2]
     images = trainloader.dataset.tensors[0]
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
     expected = decode(load_dataset(folder, split="train"))[0]
     both = torch.cat([images, valloader.dataset.tensors[0]])
     assert sorted(_digests(both)) == sorted(_digests(expected))  # all of it, once
+
+
+def test_a_local_train_split_is_split_with_the_runs_seed(tmp_path, cifar_dir):
+    folder = _local_folder(tmp_path / "site", {"train": make_split(50, 7)})
+    data = data_settings(cifar_dir, seed=11)
+    trainloader, valloader = task.load_local_data(folder, data)
+    reference = load_dataset(folder, split="train").train_test_split(
+        test_size=0.2, seed=11
+    )
+    for loader, name in ((trainloader, "train"), (valloader, "test")):
+        images, labels = loader.dataset.tensors
+        expected_images, expected_labels = decode(reference[name])
+        assert _digests(images) == _digests(expected_images)
+        assert torch.equal(labels, expected_labels)
+
+
+def test_a_local_train_split_of_two_images_gives_one_to_each(tmp_path, cifar_dir):
+    folder = _local_folder(tmp_path / "site", {"train": make_split(2, 7)})
+    trainloader, valloader = task.load_local_data(folder, data_settings(cifar_dir))
+    assert (len(trainloader.dataset), len(valloader.dataset)) == (1, 1)
 
 
 def test_a_local_validation_split_is_used_as_is(tmp_path, cifar_dir):
@@ -308,6 +339,98 @@ def test_an_unusable_local_folder_is_a_clear_error(
         task.load_local_data(folder, data_settings(cifar_dir))
 
 
+def _refusal(folder: str, cifar_dir) -> str:
+    """The message with which `load_local_data` refuses the folder."""
+    with pytest.raises(ValueError) as err:
+        task.load_local_data(folder, data_settings(cifar_dir))
+    return str(err.value)
+
+
+def test_a_folder_without_a_dataset_says_what_it_should_hold(tmp_path, cifar_dir):
+    folder = _local_folder(tmp_path / "site", {})
+    message = _refusal(folder, cifar_dir)
+    assert message.startswith(
+        f"node config key 'data-path' = {folder!r} is not allowed: no dataset could "
+        "be loaded from it ("
+    )
+    assert message.endswith(
+        "). Expected a folder holding a train split in the CIFAR-10 schema, e.g. "
+        "train-00000-of-00001.parquet with the columns 'img' and 'label'."
+    )
+
+
+def test_a_wrong_image_size_is_given_as_width_x_height(tmp_path, cifar_dir):
+    wide = make_split(10, 1).map(lambda row: {"img": row["img"].resize((48, 32))})
+    folder = _local_folder(tmp_path / "site", {"train": wide})
+    assert _refusal(folder, cifar_dir) == (
+        f"node config key 'data-path' = {folder!r} is not allowed: image 0 is "
+        "48x32 pixels, the CNN takes 32x32."
+    )
+
+
+def test_an_unreadable_image_is_named_by_its_index(tmp_path, cifar_dir):
+    features = Features({"img": Image(), "label": ClassLabel(names=CIFAR10_CLASSES)})
+    broken = {"bytes": b"not an image", "path": None}
+    good = make_split(3, 2)["img"]
+    validation = Dataset.from_dict(
+        {"img": [good[0], broken, good[2]], "label": [0, 1, 2]}, features
+    )
+    folder = _local_folder(
+        tmp_path / "site", {"train": make_split(10, 1), "validation": validation}
+    )
+    message = _refusal(folder, cifar_dir)
+    assert message.startswith(
+        f"node config key 'data-path' = {folder!r}: image 1 cannot be read ("
+    )
+    assert message.endswith(").")
+
+
+def test_class_label_10_is_outside_cifar10s_classes(tmp_path, cifar_dir):
+    split = (
+        make_split(10, 1)
+        .cast_column("label", Value("int64"))
+        .map(
+            lambda row, i: {"label": 10 if i == 4 else row["label"]}, with_indices=True
+        )
+    )
+    folder = _local_folder(tmp_path / "site", {"train": split})
+    assert _refusal(folder, cifar_dir) == (
+        f"node config key 'data-path' = {folder!r} is not allowed: label 10 is "
+        "outside [0, 10), CIFAR-10's classes."
+    )
+
+
+def test_images_stored_as_file_paths_are_read_from_their_files(tmp_path, cifar_dir):
+    # A parquet file may name its images' files instead of holding their bytes.
+    (tmp_path / "images").mkdir()
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), np.uint8)
+    paths = [str(tmp_path / "images" / f"{i}.png") for i in range(5)]
+    for array, path in zip(pixels, paths, strict=True):
+        PILImage.fromarray(array).save(path)
+    features = Features({"img": Image(), "label": ClassLabel(names=CIFAR10_CLASSES)})
+    train = Dataset.from_dict({"img": paths, "label": [0, 1, 2, 3, 4]}, features)
+    assert train.cast_column("img", Image(decode=False))[0]["img"]["bytes"] is None
+    folder = _local_folder(tmp_path / "site", {"train": train, "validation": train})
+    _, valloader = task.load_local_data(folder, data_settings(cifar_dir))
+    images, labels = valloader.dataset.tensors
+    assert torch.equal(images, torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_loaders_put_the_data_on_the_device_asked_for(tmp_path, cifar_dir):
+    # PyTorch's "meta" device (shapes, no data) stands in for a GPU here.
+    meta = torch.device("meta")
+    data = data_settings(cifar_dir)
+    folder = _local_folder(tmp_path / "site", {"train": make_split(10, 7)})
+    loaders = [
+        *load_data(0, NUM_PARTITIONS, data, meta),
+        *task.load_local_data(folder, data, meta),
+        load_test_data(data, meta),
+    ]
+    for loader in loaders:
+        assert [t.device for t in loader.dataset.tensors] == [meta, meta]
+
+
 def test_large_images_are_refused_before_any_is_decoded(
     tmp_path, cifar_dir, monkeypatch
 ):
@@ -319,12 +442,66 @@ def test_large_images_are_refused_before_any_is_decoded(
         task.load_local_data(folder, data_settings(cifar_dir))
 
 
-def test_an_unreachable_hub_says_which_key_to_set():
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda hub: pipeline.decoded_test_split(hub, "cpu"),
+        lambda hub: pipeline.train_split_size(hub),
+        lambda hub: pipeline.label_counts(hub, NUM_PARTITIONS),
+    ],
+    ids=["test-split", "train-split-size", "label-counts"],
+)
+def test_an_unreachable_hub_says_which_key_to_set(load):
     # The tests run with HF_HUB_OFFLINE (conftest): the hub cannot be reached.
     hub = data_settings("uoft-cs/cifar10")
     with pytest.raises(ConnectionError) as ex:
-        pipeline.decoded_test_split(hub, "cpu")
+        load(hub)
     message = str(ex.value)
     assert "'dataset' = 'uoft-cs/cifar10'" in message
     assert "local copy" in message and "--run-config" in message
     assert ex.value.__suppress_context__  # no second traceback from `datasets`
+
+
+def test_a_hub_dataset_is_known_by_the_revision_in_the_hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert pipeline.dataset_fingerprint("uoft-cs/cifar10") is None  # not downloaded
+    ref = tmp_path / "datasets--uoft-cs--cifar10" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("0b2714987fa478483af9968de7c934580d0bb9a2\n")
+    assert pipeline.dataset_fingerprint("uoft-cs/cifar10") == {
+        "hub": "uoft-cs/cifar10",
+        "revision": "0b2714987fa478483af9968de7c934580d0bb9a2",
+    }
+
+
+def _shards(cifar_dir, cache_dir) -> object:
+    """Shard partitions (few classes each) with their own data cache."""
+    return data_settings(
+        cifar_dir,
+        partitioner="shards",
+        **{"shards-per-partition": 2, "data-cache-dir": str(cache_dir)},
+    )
+
+
+def test_label_counts_are_counted_in_each_partition(cifar_dir, tmp_path):
+    data = _shards(cifar_dir, tmp_path)
+    expected = label_counts(data, NUM_PARTITIONS)
+    assert (expected[:, -1] == 0).any()  # a partition without the last class
+    counts = pipeline.label_counts(data, NUM_PARTITIONS)
+    assert counts.shape == (NUM_PARTITIONS, 10)
+    assert counts.tolist() == expected.tolist()
+
+
+def test_label_counts_come_from_the_data_cache_once_it_holds_every_partition(
+    cifar_dir, tmp_path, monkeypatch
+):
+    data = _shards(cifar_dir, tmp_path)
+    expected = label_counts(data, NUM_PARTITIONS).tolist()
+    for pid in range(NUM_PARTITIONS - 1):
+        load_data(pid, NUM_PARTITIONS, data)  # the clients fill the data cache
+    assert pipeline.label_counts(data, NUM_PARTITIONS).tolist() == expected
+    load_data(NUM_PARTITIONS - 1, NUM_PARTITIONS, data)
+    monkeypatch.setattr(
+        pipeline, "_federated_dataset", lambda *_: pytest.fail("partitions read")
+    )
+    assert pipeline.label_counts(data, NUM_PARTITIONS).tolist() == expected

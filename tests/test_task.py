@@ -1,5 +1,8 @@
 """Model, training loops and parameter exchange of flower_tutorial.task."""
 
+import copy
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -77,10 +80,78 @@ def test_test_returns_mean_loss_and_accuracy():
 
 def test_empty_loaders_are_refused():
     empty = DataLoader(_TensorDicts(torch.zeros(0, 3, 32, 32), torch.zeros(0)))
-    with pytest.raises(ValueError, match="empty trainloader"):
+    with pytest.raises(ValueError) as err:
         train(Net(), empty, epochs=1, learning_rate=0.001, device=CPU)
-    with pytest.raises(ValueError, match="empty testloader"):
+    assert str(err.value) == "train() got an empty trainloader: nothing to train on."
+    with pytest.raises(ValueError) as err:
         task.test(Net(), empty, CPU)
+    assert str(err.value) == "test() got an empty testloader: nothing to evaluate."
+
+
+def _tiny_batches() -> list[dict]:
+    """Two batches of different sizes (3 and 1) for a 4-feature, 3-class model."""
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(4, 4, generator=generator)
+    labels = torch.tensor([0, 2, 1, 2])
+    return [
+        {"img": images[:3], "label": labels[:3]},
+        {"img": images[3:], "label": labels[3:]},
+    ]
+
+
+def _train_by_hand(
+    net: nn.Module, batches: list[dict], epochs: int, lr: float, mu: float
+) -> float:
+    """train() written out: Adam steps, then the mean cross-entropy per sample.
+
+    Each gradient gets mu * (w - w0) by hand: the gradient of the proximal term
+    mu / 2 * ||w - w0||^2 that train() leaves to autograd.
+    """
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    start = [p.detach().clone() for p in net.parameters()]
+    weighted, count = 0.0, 0
+    for _ in range(epochs):
+        for batch in batches:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(net(batch["img"]), batch["label"])
+            loss.backward()
+            with torch.no_grad():
+                for w, w0 in zip(net.parameters(), start, strict=True):
+                    w.grad += mu * (w - w0)
+            optimizer.step()
+            weighted += loss.item() * len(batch["label"])
+            count += len(batch["label"])
+    return weighted / count
+
+
+@pytest.mark.parametrize("mu", [0.0, 2.0])
+def test_train_takes_adam_steps_and_returns_the_mean_cross_entropy_per_sample(mu):
+    # With mu > 0 (FedProx) the loss also holds mu / 2 * ||w - w0||^2, whose
+    # gradient is mu * (w - w0); the returned loss is the cross-entropy alone.
+    torch.manual_seed(4)
+    net = nn.Linear(4, 3)
+    reference = copy.deepcopy(net)
+    batches = _tiny_batches()
+    loss = train(net, batches, epochs=3, learning_rate=0.1, device=CPU, proximal_mu=mu)
+    expected = _train_by_hand(reference, batches, epochs=3, lr=0.1, mu=mu)
+    assert loss == pytest.approx(expected, rel=1e-6)
+    for got, want in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+class _Logits(nn.Module):
+    """A "model" whose inputs are its logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_accuracy_counts_correct_predictions_exactly_past_float32s_range():
+    # 2**24 + 1 correct predictions: a float32 count would stop at 2**24.
+    big = {"img": torch.zeros(2**22, 1), "label": torch.zeros(2**22, dtype=torch.long)}
+    one = {"img": torch.zeros(1, 1), "label": torch.zeros(1, dtype=torch.long)}
+    loss, accuracy = task.test(_Logits(), [big, big, big, big, one], CPU)
+    assert (loss, accuracy) == (0.0, 1.0)
 
 
 def _model_with_integer_buffer() -> nn.Module:
@@ -121,7 +192,9 @@ def test_get_parameters_returns_copies():
 def test_set_parameters_refuses_a_wrong_count_or_shape():
     net = Net()
     arrays = get_parameters(net)
-    with pytest.raises(ValueError, match="has 10 state_dict entries, got 9"):
+    with pytest.raises(
+        ValueError, match=r"^Net has 10 state_dict entries, got 9 arrays\.$"
+    ):
         set_parameters(net, arrays[:-1])
     arrays[0] = np.zeros((1, 2, 3), dtype=np.float32)
     with pytest.raises(RuntimeError, match="size mismatch"):
@@ -137,6 +210,21 @@ def test_same_seed_gives_the_same_model():
     third = get_parameters(Net())
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert not np.array_equal(first[0], third[0])
+
+
+def test_set_seed_seeds_python_numpy_and_torch_from_the_mixed_integers():
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.random()), torch.rand(()).item()
+
+    set_seed(42, 3, 1)
+    first = draws()
+    assert torch.initial_seed() == int(
+        np.random.SeedSequence([42, 3, 1]).generate_state(1)[0]
+    )
+    set_seed(42, 3, 1)
+    assert draws() == first
+    set_seed(42, 3, 2)
+    assert all(a != b for a, b in zip(draws(), first, strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
