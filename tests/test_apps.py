@@ -311,6 +311,17 @@ def test_server_fn_makes_the_initial_model_from_the_seed(run_config):
     assert not np.array_equal(first[0], other[0])
 
 
+def test_server_fn_starts_from_the_initial_checkpoint(run_config, tmp_path):
+    set_seed(123)
+    saved = Net()
+    torch.save(saved.state_dict(), tmp_path / "start.pt")
+    run_config["initial-checkpoint"] = str(tmp_path / "start.pt")
+    strategy = server_fn(make_context(run_config)).strategy.strategy
+    got = parameters_to_ndarrays(strategy.initial_parameters)
+    for array, want in zip(got, get_parameters(saved), strict=True):
+        np.testing.assert_array_equal(array, want)
+
+
 def test_a_round_where_every_client_failed_ends_the_run(run_config):
     strategy = server_fn(make_context(run_config)).strategy
     failures = [ValueError("dataset folder not found"), RuntimeError("boom")]
