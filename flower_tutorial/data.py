@@ -131,6 +131,12 @@ def check_schema(split: Dataset, dataset: str, key: str = "dataset") -> None:
             f"the CIFAR-10 schema ('{IMAGE_KEY}': image, '{LABEL_KEY}': class label), "
             f"found {split.column_names}."
         )
+    label = split.features[LABEL_KEY]
+    if not hasattr(label, "names"):  # the class names label the plots and history
+        raise ValueError(
+            f"{key} {dataset!r}: column '{LABEL_KEY}' is {label}, expected a class "
+            "label (datasets.ClassLabel with the 10 CIFAR-10 class names)."
+        )
 
 
 def make_partitioner(data: DataSettings, num_partitions: int) -> Partitioner:

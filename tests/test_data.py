@@ -315,6 +315,10 @@ def test_a_local_validation_split_is_used_as_is(tmp_path, cifar_dir):
             {"train": make_split(10, 1).rename_column("img", "image")},
             r"node config key 'data-path' .* lacks the column\(s\) \['img'\]",
         ),
+        (
+            {"train": make_split(10, 1).cast_column("label", Value("int64"))},
+            r"'data-path' = .* column 'label' is Value\('int64'\), expected a class",
+        ),
         ({"train": make_split(1, 1)}, r"'data-path' = .* holds 1 image\(s\)"),
         (
             {"train": _resized(make_split(10, 1), 16)},
@@ -323,13 +327,21 @@ def test_a_local_validation_split_is_used_as_is(tmp_path, cifar_dir):
         (
             {
                 "train": make_split(10, 1)
-                .cast_column("label", Value("int64"))
+                .cast_column("label", ClassLabel(num_classes=20))
                 .map(lambda row: {"label": row["label"] + 10})
             },
             r"label 1\d is outside \[0, 10\)",
         ),
     ],
-    ids=["empty", "no-train-split", "wrong-columns", "one-image", "16x16", "label"],
+    ids=[
+        "empty",
+        "no-train-split",
+        "wrong-columns",
+        "plain-int-label",
+        "one-image",
+        "16x16",
+        "label",
+    ],
 )
 def test_an_unusable_local_folder_is_a_clear_error(
     tmp_path, cifar_dir, contents, message
@@ -388,7 +400,7 @@ def test_an_unreadable_image_is_named_by_its_index(tmp_path, cifar_dir):
 def test_class_label_10_is_outside_cifar10s_classes(tmp_path, cifar_dir):
     split = (
         make_split(10, 1)
-        .cast_column("label", Value("int64"))
+        .cast_column("label", ClassLabel(num_classes=11))
         .map(
             lambda row, i: {"label": 10 if i == 4 else row["label"]}, with_indices=True
         )
