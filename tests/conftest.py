@@ -143,6 +143,25 @@ def write_hub_layout(root: Path, splits: dict[str, Dataset]) -> Path:
 
 
 @pytest.fixture
+def caller_sigint() -> Iterator[list[int]]:
+    """A SIGINT handler of the caller's, in place for the test; it notes each call.
+
+    Also where the test process was started with SIGINT ignored (a background
+    job), which `stop_on_ctrl_c` would rightly leave ignored.
+    """
+    calls: list[int] = []
+
+    def handler(signum, frame) -> None:
+        calls.append(signum)
+
+    original = signal.signal(signal.SIGINT, handler)
+    try:
+        yield calls
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+@pytest.fixture
 def run_config(cifar_dir: Path, tmp_path: Path) -> dict:
     """The default run config on the synthetic data, with small batches."""
     return default_run_config() | {
@@ -270,6 +289,12 @@ def _reap_adopted() -> None:
             pass
 
 
+def _default_sigint() -> None:
+    """In a child: Ctrl-C as from a terminal, also when pytest runs as a background
+    job (which starts with SIGINT ignored, and an ignored SIGINT is inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
     """Run Python code in child processes -> (exit code, output).
 
@@ -290,7 +315,10 @@ def _python_runner() -> Iterator[Callable[..., tuple[int, str]]]:
         # A file, not a pipe: a grandchild holding a pipe open would block reading.
         with tempfile.TemporaryFile("w+") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-c", code],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_default_sigint,
             )
             deadline = time.monotonic() + timeout
             try:

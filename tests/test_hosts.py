@@ -50,7 +50,9 @@ SUPERLINK_HOST = "superlink.test"
 SUPERLINK_PORT = 9092  # the SuperLink's namespace is its own: any port is free
 SUPERNODE_PORT = 9094  # likewise, each SuperNode's
 NUM_NODES = 2
-NUM_ROUNDS = 5
+# Room for the cut node's return: it reconnects after its retry backoff, which
+# may span several of the short rounds that one node trains alone.
+NUM_ROUNDS = 7
 CUT = 1  # the SuperNode whose link is cut: it holds partition 1
 ETC_NETNS = Path("/etc/netns")
 # What each wait may take at most. A round with both nodes took 30-90 s on 2

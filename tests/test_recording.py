@@ -233,7 +233,7 @@ def _files(run_dir: Path) -> dict[str, bytes]:
     return {name: (run_dir / name).read_bytes() for name in ROUND_FILES}
 
 
-def test_ctrl_c_in_a_round_keeps_the_rounds_finished_before_it(tmp_path):
+def test_ctrl_c_in_a_round_keeps_the_rounds_finished_before_it(tmp_path, caller_sigint):
     strategy = _strategy(tmp_path)
     _round(strategy, 1, accuracy=0.5)
     after_round_1 = _files(tmp_path)

@@ -7,30 +7,14 @@ every test leaves SIGINT's handler as it found it.
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from flower_tutorial.stopping import RunStoppedError, StoppableGrid, stop_on_ctrl_c
 
 
-@pytest.fixture
-def previous() -> Iterator[list[int]]:
-    """A SIGINT handler of the caller's, in place for the test; it notes each call."""
-    calls: list[int] = []
-
-    def handler(signum, frame) -> None:
-        calls.append(signum)
-
-    original = signal.signal(signal.SIGINT, handler)
-    try:
-        yield calls
-    finally:
-        signal.signal(signal.SIGINT, original)
-
-
 def test_the_first_ctrl_c_stops_the_run_and_hands_the_next_to_the_caller(
-    previous, caplog
+    caller_sigint, caplog
 ):
     caller = signal.getsignal(signal.SIGINT)
     handler_during_stop = []
@@ -44,12 +28,12 @@ def test_the_first_ctrl_c_stops_the_run_and_hands_the_next_to_the_caller(
         ours(signal.SIGINT, None)  # the first Ctrl-C
         # stop ran once, and already a Ctrl-C during it would reach the caller's.
         assert handler_during_stop == [caller]
-        assert previous == []
+        assert caller_sigint == []
         assert "Ctrl-C: stopping the run (press Ctrl-C again to interrupt)." in (
             caplog.text
         )
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the second
-        assert previous == [signal.SIGINT]
+        assert caller_sigint == [signal.SIGINT]
         assert len(handler_during_stop) == 1
     assert signal.getsignal(signal.SIGINT) is caller
 
@@ -68,7 +52,7 @@ def test_with_pythons_handler_the_second_ctrl_c_raises_keyboard_interrupt_at_onc
         signal.signal(signal.SIGINT, original)
 
 
-def test_the_callers_handler_is_back_after_the_run_without_a_ctrl_c(previous):
+def test_the_callers_handler_is_back_after_the_run_without_a_ctrl_c(caller_sigint):
     caller = signal.getsignal(signal.SIGINT)
     with (
         pytest.raises(RuntimeError, match="the run failed"),
@@ -88,7 +72,7 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, original)
 
 
-def test_outside_the_main_thread_no_handler_is_installed(previous):
+def test_outside_the_main_thread_no_handler_is_installed(caller_sigint):
     caller = signal.getsignal(signal.SIGINT)
     seen = []
 
