@@ -34,6 +34,7 @@ class InProcessBackend(Backend):
     """
 
     workers = 1
+    builds = 0  # simulations run on this backend in this process
 
     def __init__(self, backend_config: BackendConfig) -> None:
         super().__init__(backend_config)
@@ -43,6 +44,7 @@ class InProcessBackend(Backend):
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         """Keep the ClientApp loader; nothing else needs starting."""
         self._app_fn = app_fn
+        InProcessBackend.builds += 1
 
     @property
     def num_workers(self) -> int:

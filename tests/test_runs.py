@@ -23,6 +23,7 @@ ROUNDS = 2
 
 
 RUN_DIR = "RUN_DIR "  # a line the child prints: RUN_DIR <name>=<folder returned>
+ENGINE = "ENGINE "  # ...and ENGINE <name>=<in process | ray>
 
 
 def _simulations(root: Path, cifar_dir: Path, runs: dict[str, tuple[int, dict]]) -> str:
@@ -34,7 +35,7 @@ def _simulations(root: Path, cifar_dir: Path, runs: dict[str, tuple[int, dict]])
     drives. Runs named in RAY_RUNS run on Ray, the others in process.
     """
     return f"""{in_process()}
-from inprocess import use_in_process_backend, use_ray_backend
+from inprocess import InProcessBackend, use_in_process_backend, use_ray_backend
 from dataclasses import replace
 from pathlib import Path
 from flwr.client import ClientApp
@@ -84,12 +85,15 @@ for name, (num_supernodes, overrides) in {runs!r}.items():
         (saved,) = (root / config["initial-checkpoint"]).iterdir()
         config["initial-checkpoint"] = str(saved / "final_model.pt")
     use_ray_backend() if name in {RAY_RUNS!r} else use_in_process_backend()
+    builds = InProcessBackend.builds
     if name.startswith("workflow"):
         run_under_default_workflow(num_supernodes, config)
     else:
         run_dir = run_tutorial_simulation(num_supernodes=num_supernodes,
                                           run_config=config)
         print({RUN_DIR!r} + name + "=" + str(run_dir), flush=True)
+    engine = "in process" if InProcessBackend.builds > builds else "ray"
+    print({ENGINE!r} + name + "=" + engine, flush=True)
 """
 
 
@@ -167,8 +171,14 @@ def runs(logs_and_runs) -> dict[str, Path]:
 def test_a_small_federation_on_ray_trains_and_reports(logs_and_runs):
     logs, runs = logs_and_runs
     ray_log = logs[1].split(f"{RUN_DIR}b=")[0]  # run b: 3 SuperNodes on Ray
-    assert "(ClientAppActor pid=" in ray_log  # its clients ran in Ray actors
-    assert "ClientAppActor" not in logs[0]  # ...and the others in process
+    engines = dict(
+        line.removeprefix(ENGINE).split("=", 1)
+        for line in "".join(logs).splitlines()
+        if line.startswith(ENGINE)
+    )
+    assert engines == {
+        name: "ray" if name in RAY_RUNS else "in process" for name in runs
+    }
     assert ray_log.count("aggregate_fit: received 3 results and 0 failures") == 2
     assert ray_log.count("aggregate_evaluate: received 2 results and 0 failures") == 2
     assert [r["round"] for r in _history(runs["b"])["rounds"]] == [0, 1, 2]
