@@ -3,17 +3,20 @@
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import APP_DIR, data_settings, make_split, write_hub_layout
 
 from flower_tutorial import data as pipeline
-from flower_tutorial.cache import Decoded, DecodedCache
+from flower_tutorial.cache import Decoded, DecodedCache, default_cache_dir
 from flower_tutorial.task import load_data, load_local_data, load_test_data
 
 NUM_PARTITIONS = 4
@@ -230,6 +233,105 @@ def test_an_unwritable_cache_folder_is_warned_about_once_with_the_reason(
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     warned = [m for m in messages if m.startswith("Cannot write")]
     assert warned == expected  # once per folder, not once per entry
+
+
+@pytest.mark.parametrize(
+    ("xdg_cache_home", "expected"),
+    [("xdg", "xdg"), (None, "home/.cache"), ("", "home/.cache")],
+    ids=["set", "unset", "empty"],
+)
+def test_the_default_cache_folder_is_flower_tutorial_in_the_users_cache_folder(
+    cifar_dir, tmp_path, monkeypatch, xdg_cache_home, expected
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if xdg_cache_home is None:
+        monkeypatch.delenv("XDG_CACHE_HOME")
+    else:
+        # The XDG spec: an empty XDG_CACHE_HOME counts as unset.
+        base = xdg_cache_home and str(tmp_path / xdg_cache_home)
+        monkeypatch.setenv("XDG_CACHE_HOME", base)
+    assert default_cache_dir() == tmp_path / expected / "flower-tutorial"
+    default = pipeline.data_cache(data_settings(cifar_dir))  # data-cache-dir = ""
+    assert default.root == tmp_path / expected / "flower-tutorial"
+
+
+def test_an_entry_is_written_in_a_hidden_temporary_folder_beside_it_then_renamed(
+    tmp_path, monkeypatch
+):
+    renames: list[tuple[Path, Path]] = []
+    real_rename = os.rename
+
+    def rename(src, dst) -> None:
+        renames.append((Path(src), Path(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    DecodedCache(tmp_path).get({"what": "renamed"}, _small)
+    ((tmp, entry),) = renames
+    # Beside it: a rename within one file system, seen whole or not at all.
+    assert tmp.parent == entry.parent == tmp_path
+    # Hidden and named after its entry: the leftover of a killed process is never
+    # taken for an entry, and tells which entry it was.
+    assert tmp.name.startswith(f".{entry.name}-")
+    assert entry == _entry(tmp_path) and not tmp.exists()
+
+
+def test_the_manifest_records_the_key_the_class_names_and_each_files_checksum(
+    tmp_path,
+):
+    key = {"what": "manifest", "seed": 3}
+    DecodedCache(tmp_path).get(key, _small)
+    entry = _entry(tmp_path)
+    text = (entry / "manifest.json").read_text()
+    manifest = json.loads(text)
+    # The entry's name is a hash: its manifest is where a person reads what made it.
+    assert manifest["key"] == key
+    assert manifest["class_names"] == ["a"]
+    files = {name: f"s.{name}.npy" for name in ("images", "labels")}
+    assert manifest["splits"] == {
+        "s": {
+            name: {"file": file, "crc32": zlib.crc32((entry / file).read_bytes())}
+            for name, file in files.items()
+        }
+    }
+    assert text == json.dumps(manifest, indent=1)  # one item a line, to be read
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "manifest.json",
+        *sorted(files.values()),
+    ]
+
+
+def test_a_split_that_is_not_images_and_labels_is_refused_and_nothing_is_left(
+    tmp_path,
+):
+    cache, key = DecodedCache(tmp_path), {"what": "images only"}
+    images_only = Decoded({"s": (torch.arange(6, dtype=torch.uint8),)}, ["a"])
+    with pytest.raises(ValueError, match="shorter"):
+        cache.get(key, lambda: images_only)
+    # Its images were written before the labels were missed: they go with the
+    # temporary folder, and no entry is left that could never be loaded whole.
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    assert cache.peek(key) is None
+
+
+def test_a_cache_folder_deleted_during_a_write_is_warned_about_with_the_writes_error(
+    tmp_path, monkeypatch, caplog
+):
+    root = tmp_path / "cache"
+    real_save = np.save
+
+    def save_after_clearing(path, array) -> None:
+        shutil.rmtree(root, ignore_errors=True)  # rm -rf, as docs/performance.md says
+        real_save(path, array)
+
+    monkeypatch.setattr(np, "save", save_after_clearing)
+    assert DecodedCache(root).get({"what": "cleared"}, _small).class_names == ["a"]
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    (warned,) = [m for m in messages if m.startswith("Cannot write")]
+    # The file that could not be written, not the temporary folder that then
+    # could not be removed either.
+    assert "s.images.npy" in warned
+    assert not root.exists()
 
 
 def _build_slowly(marker_dir: str, key: dict, root: str, out) -> None:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from flower_tutorial import task
 from flower_tutorial.task import (
     Net,
+    TensorLoader,
     get_device,
     get_parameters,
     set_parameters,
@@ -225,6 +226,27 @@ def test_set_seed_seeds_python_numpy_and_torch_from_the_mixed_integers():
     assert draws() == first
     set_seed(42, 3, 2)
     assert all(a != b for a, b in zip(draws(), first, strict=True))
+
+
+def test_set_seed_makes_cudnn_choose_deterministic_algorithms(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    set_seed(0)
+    assert torch.backends.cudnn.deterministic is True
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_shuffling_draws_the_order_on_the_datas_own_device():
+    # A script may make another device the default (torch.set_default_device)
+    # while the data stays on the CPU; "meta" stands in for a GPU here.
+    labels = torch.arange(10)
+    images = torch.zeros(10, 3, 2, 2, dtype=torch.uint8)
+    loader = TensorLoader(images, labels, batch_size=4, shuffle=True)
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        drawn = torch.cat([batch["label"] for batch in loader])
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.randperm(10))  # the CPU generator's order
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
