@@ -69,9 +69,10 @@ def test_a_hit_returns_exactly_what_decoding_returns(cifar_dir, tmp_path, decode
         ({"seed": 7}, True),
         ({"partitioner": "dirichlet"}, True),
         ({"dirichlet-alpha": 0.9}, False),  # not a parameter of the IID partitioner
+        ({"shards-per-partition": 3}, False),  # nor is this
         ({"batch-size": 8}, False),  # batching does not change the bytes
     ],
-    ids=["same", "seed", "partitioner", "unused-alpha", "batch-size"],
+    ids=["same", "seed", "partitioner", "unused-alpha", "unused-shards", "batch-size"],
 )
 def test_the_key_covers_what_changes_the_bytes(
     cifar_dir, tmp_path, decodes, change, misses
@@ -111,6 +112,63 @@ def test_partition_number_and_count_and_partitioner_parameters_miss(
         p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")
     ]
     assert len(entries) == 5
+
+
+def test_shard_partitions_of_another_shards_per_partition_miss(
+    cifar_dir, tmp_path, decodes
+):
+    def load(shards: int) -> list[torch.Tensor]:
+        _fresh_process()
+        shard_partitions = {
+            "partitioner": "shards",
+            "shards-per-partition": shards,
+            "data-cache-dir": str(tmp_path),
+        }
+        data = data_settings(cifar_dir, **shard_partitions)
+        return _tensors(load_data(0, 2, data))
+
+    two = load(2)
+    three = load(3)
+    assert len(decodes) == 2 * 2  # both decoded: a hit would hand back `two`
+    assert not torch.equal(three[1], two[1])  # other shards: other labels
+    load(2)
+    assert len(decodes) == 2 * 2  # and each is found again
+
+
+@pytest.mark.parametrize(
+    ("overrides", "partitioner"),
+    [
+        ({"partitioner": "iid"}, {"name": "iid"}),
+        (
+            {"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
+            {"name": "dirichlet", "alpha": 0.5},
+        ),
+        (
+            {"partitioner": "shards", "shards-per-partition": 2},
+            {"name": "shards", "shards_per_partition": 2},
+        ),
+    ],
+    ids=["iid", "dirichlet", "shards"],
+)
+def test_a_partitions_manifest_says_what_made_it(
+    cifar_dir, tmp_path, overrides, partitioner
+):
+    # What a person finds in the cache folder to tell its entries apart; it also
+    # makes the entry's name, so another spelling would miss every user's cache.
+    data = data_settings(
+        cifar_dir, seed=5, **overrides, **{"data-cache-dir": str(tmp_path)}
+    )
+    _fresh_process()
+    load_data(1, NUM_PARTITIONS, data)
+    manifest = json.loads((_entry(tmp_path) / "manifest.json").read_text())
+    assert manifest["key"] == {
+        "what": "partition",
+        "dataset": pipeline.dataset_fingerprint(str(cifar_dir)),
+        "partitioner": partitioner,
+        "num_partitions": NUM_PARTITIONS,
+        "partition_id": 1,
+        "seed": 5,
+    }
 
 
 def test_changed_dataset_files_miss(tmp_path, decodes):

@@ -1,6 +1,7 @@
 """CIFAR-10 loading through the real FederatedDataset path, on synthetic data."""
 
 import hashlib
+import re
 
 import huggingface_hub.constants
 import numpy as np
@@ -88,9 +89,11 @@ def test_dataset_source_tells_folders_from_hub_ids(cifar_dir, tmp_path):
 def test_a_folder_without_the_cifar_columns_is_refused(tmp_path):
     split = make_split(20, 3).rename_column("img", "image")
     folder = write_hub_layout(tmp_path / "other", {"train": split, "test": split})
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['img'\]"):
+    # The message names the run config's 'dataset', the value to correct.
+    refusal = re.escape(f"dataset {str(folder)!r} lacks the column(s) ['img']")
+    with pytest.raises(ValueError, match=refusal):
         load_data(0, 2, data_settings(folder))
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['img'\]"):
+    with pytest.raises(ValueError, match=refusal):
         load_test_data(data_settings(folder))
 
 
@@ -130,6 +133,47 @@ def test_each_partitioner_fills_every_partition(cifar_dir, overrides):
     for pid in range(NUM_PARTITIONS):
         trainloader, valloader = load_data(pid, NUM_PARTITIONS, data)
         assert len(trainloader.dataset) + len(valloader.dataset) == counts[pid].sum()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
+        {"partitioner": "shards", "shards-per-partition": 2},
+    ],
+    ids=["dirichlet", "shards"],
+)
+def test_the_label_mix_of_skewed_partitions_follows_the_seed(cifar_dir, overrides):
+    # The dataset's shuffle does not change which labels a partition gets; only
+    # the partitioner's own draws do. So these show that the partitioner draws
+    # from the run's seed: the same partitions in every process, others for
+    # another seed.
+    def counts(seed: int) -> list[list[int]]:
+        pipeline._federated_dataset.cache_clear()  # as a fresh process
+        data = data_settings(cifar_dir, seed=seed, **overrides)
+        return label_counts(data, NUM_PARTITIONS).tolist()
+
+    first = counts(7)
+    for _ in range(2):
+        assert counts(7) == first
+    assert counts(8) != first
+
+
+def test_a_partition_needs_two_images_one_to_train_one_to_validate(tmp_path):
+    # 6 images in 4 IID partitions: partitions 0 and 1 hold 2, partitions 2 and 3
+    # hold 1.
+    folder = write_hub_layout(
+        tmp_path / "tiny", {"train": make_split(6, 0), "test": make_split(4, 1)}
+    )
+    data = data_settings(folder)
+    trainloader, valloader = load_data(1, NUM_PARTITIONS, data)
+    assert (len(trainloader.dataset), len(valloader.dataset)) == (1, 1)
+    with pytest.raises(ValueError) as err:
+        load_data(2, NUM_PARTITIONS, data)
+    assert str(err.value) == (
+        "partition 2 of 4 holds 1 image(s) with partitioner 'iid': too few to split "
+        "into training and validation data. Use fewer partitions or less skew."
+    )
 
 
 def test_small_dirichlet_alpha_skews_the_labels(cifar_dir):
@@ -460,8 +504,9 @@ def test_large_images_are_refused_before_any_is_decoded(
         lambda hub: pipeline.decoded_test_split(hub, "cpu"),
         lambda hub: pipeline.train_split_size(hub),
         lambda hub: pipeline.label_counts(hub, NUM_PARTITIONS),
+        lambda hub: load_data(0, NUM_PARTITIONS, hub),
     ],
-    ids=["test-split", "train-split-size", "label-counts"],
+    ids=["test-split", "train-split-size", "label-counts", "partition"],
 )
 def test_an_unreachable_hub_says_which_key_to_set(load):
     # The tests run with HF_HUB_OFFLINE (conftest): the hub cannot be reached.
