@@ -1,5 +1,6 @@
 """The on-disk data cache: hits, misses by every part of the key, races, damage."""
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -7,13 +8,20 @@ import shutil
 import subprocess
 import sys
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import APP_DIR, data_settings, make_split, write_hub_layout
+from conftest import (
+    APP_DIR,
+    CIFAR10_CLASSES,
+    data_settings,
+    make_split,
+    write_hub_layout,
+)
 
 from flower_tutorial import data as pipeline
 from flower_tutorial.cache import Decoded, DecodedCache, default_cache_dir
@@ -390,6 +398,77 @@ def test_a_cache_folder_deleted_during_a_write_is_warned_about_with_the_writes_e
     # could not be removed either.
     assert "s.images.npy" in warned
     assert not root.exists()
+
+
+def test_the_class_names_come_along_to_the_device_from_a_miss_and_a_hit(
+    cifar_dir, tmp_path, decodes
+):
+    # They label the plots and the history: moving the tensors to the run's
+    # device must not lose them, whether the splits were decoded or found.
+    cached = data_settings(cifar_dir, **{"data-cache-dir": str(tmp_path)})
+    for _ in ("miss", "hit"):
+        _fresh_process()
+        decoded = pipeline.decoded_test_split(cached, "cpu")
+        assert decoded.class_names == CIFAR10_CLASSES
+    assert len(decodes) == 1  # the second was found in the cache
+
+
+def test_a_key_names_one_entry_whatever_the_order_of_its_items(tmp_path):
+    # A key is a mapping: the same items built in another order (by another
+    # version of the code) must find the entry, not decode a second copy of it.
+    cache = DecodedCache(tmp_path)
+    partitioner = {"name": "dirichlet", "alpha": 0.5}
+    cache.get({"what": "order", "seed": 3, "partitioner": partitioner}, _small)
+    reordered = {"partitioner": {"alpha": 0.5, "name": "dirichlet"}, "seed": 3}
+    assert cache.peek(reordered | {"what": "order"}) is not None
+
+
+def test_an_entrys_name_is_the_hash_of_its_key_as_earlier_versions_wrote_it(
+    tmp_path,
+):
+    # Entries outlive the app's version: another name for the same key would miss
+    # every user's cache and strand the old entries on disk. FORMAT, hashed with
+    # the key, is what a deliberate change of the entries' layout changes.
+    DecodedCache(tmp_path).get({"what": "name", "seed": 3}, _small)
+    canonical = b'{"format": 1, "seed": 3, "what": "name"}'
+    assert _entry(tmp_path).name == hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def test_damage_early_in_a_file_longer_than_one_read_is_found(tmp_path, caplog):
+    # Files are checksummed in 4 MiB reads: the checksum must cover them all,
+    # not only the last, or a damaged start of the images would be used.
+    images = torch.arange(5 << 20).remainder(251).to(torch.uint8)
+    big = Decoded({"s": (images, torch.arange(3))}, ["a"])
+    cache, key = DecodedCache(tmp_path), {"what": "big"}
+    cache.get(key, lambda: big)
+    assert cache.peek(key) is not None  # whole, it is found
+    with open(_entry(tmp_path) / "s.images.npy", "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)[0]
+        f.seek(1000)
+        f.write(bytes([byte ^ 0xFF]))
+    assert cache.peek(key) is None
+    assert "is damaged" in caplog.text
+
+
+def test_checking_an_entry_does_not_read_its_files_whole_into_memory(tmp_path):
+    # Every process that opens an entry checks its checksums first; CIFAR-10's
+    # train images are 150 MB, which each process must not hold at once for that:
+    # the data itself is memory-mapped.
+    size = 64 << 20
+    large = Decoded({"s": (torch.zeros(size, dtype=torch.uint8), torch.arange(3))}, [])
+    cache, key = DecodedCache(tmp_path), {"what": "large"}
+    cache.get(key, lambda: large)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        found = cache.peek(key)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found is not None and found.splits["s"][0].numel() == size
+    assert peak - before < size // 2
 
 
 def _build_slowly(marker_dir: str, key: dict, root: str, out) -> None:

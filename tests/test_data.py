@@ -97,6 +97,19 @@ def test_a_folder_without_the_cifar_columns_is_refused(tmp_path):
         load_test_data(data_settings(folder))
 
 
+def test_labels_without_class_names_are_refused_saying_what_to_give_instead(tmp_path):
+    # The class names label the plots and the history: the message names the run
+    # config's 'dataset' and the kind of column that holds them.
+    split = make_split(20, 3).cast_column("label", Value("int64"))
+    folder = write_hub_layout(tmp_path / "plain", {"train": split, "test": split})
+    with pytest.raises(ValueError) as err:
+        load_test_data(data_settings(folder))
+    assert str(err.value) == (
+        f"dataset {str(folder)!r}: column 'label' is Value('int64'), expected a "
+        "class label (datasets.ClassLabel with the 10 CIFAR-10 class names)."
+    )
+
+
 def label_counts(data, num_partitions: int) -> np.ndarray:
     """Images of each class (columns) in every partition (rows)."""
     return np.stack(
@@ -471,6 +484,20 @@ def test_images_stored_as_file_paths_are_read_from_their_files(tmp_path, cifar_d
     images, labels = valloader.dataset.tensors
     assert torch.equal(images, torch.from_numpy(pixels).permute(0, 3, 1, 2))
     assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("channels", [1, 4], ids=["grayscale", "with-alpha"])
+def test_grayscale_and_transparent_images_are_decoded_to_rgb(channels):
+    # A node's own folder may hold such PNGs, and the CNN takes 3 channels: grey
+    # goes to red, green and blue alike; the alpha channel is dropped.
+    pixels = np.random.default_rng(5).integers(0, 256, (2, 32, 32, channels), np.uint8)
+    features = Features({"img": Image(), "label": ClassLabel(names=CIFAR10_CLASSES)})
+    stored = [PILImage.fromarray(p[..., 0] if channels == 1 else p) for p in pixels]
+    split = Dataset.from_dict({"img": stored, "label": [0, 1]}, features)
+    assert {img.mode for img in split["img"]} == {"L" if channels == 1 else "RGBA"}
+    images, _ = decode(split)
+    rgb = np.repeat(pixels, 3, axis=-1) if channels == 1 else pixels[..., :3]
+    assert torch.equal(images, torch.from_numpy(rgb).permute(0, 3, 1, 2))
 
 
 def test_loaders_put_the_data_on_the_device_asked_for(tmp_path, cifar_dir):
