@@ -23,6 +23,7 @@ from conftest import (
     write_hub_layout,
 )
 
+from flower_tutorial import cache as cache_module
 from flower_tutorial import data as pipeline
 from flower_tutorial.cache import Decoded, DecodedCache, default_cache_dir
 from flower_tutorial.task import load_data, load_local_data, load_test_data
@@ -469,6 +470,70 @@ def test_checking_an_entry_does_not_read_its_files_whole_into_memory(tmp_path):
         tracemalloc.stop()
     assert found is not None and found.splits["s"][0].numel() == size
     assert peak - before < size // 2
+
+
+def test_a_hit_takes_no_lock_so_a_cache_folder_that_is_only_readable_serves_it(
+    tmp_path, monkeypatch, caplog
+):
+    # Only a miss is built under the entry's lock: a whole entry is read without
+    # creating or waiting for it, so a shared cache that this user (or a read-only
+    # mount) cannot write to still serves its entries, without any warning.
+    cache, key = DecodedCache(tmp_path), {"what": "read-only"}
+    cache.get(key, _small)
+
+    def no_lock_file(entry: Path):
+        raise PermissionError(13, "Permission denied", str(entry.with_suffix(".lock")))
+
+    monkeypatch.setattr(cache_module, "_locked", no_lock_file)
+    builds: list[int] = []
+    found = cache.get(key, lambda: builds.append(1) or _small())
+    assert builds == []
+    assert found.class_names == ["a"]
+    assert torch.equal(found.splits["s"][0], _small().splits["s"][0])
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_a_process_that_waited_for_the_lock_uses_the_entry_built_meanwhile(
+    tmp_path, monkeypatch, caplog
+):
+    # Another process held the lock and stored the entry while this one waited:
+    # this one must load that entry, not decode the same data a second time.
+    cache, key = DecodedCache(tmp_path), {"what": "waited"}
+    theirs = Decoded(
+        {"s": (torch.full((6,), 7, dtype=torch.uint8), torch.arange(3))}, ["b"]
+    )
+    real_locked = cache_module._locked
+
+    def locked_after_the_other_built_it(entry: Path):
+        cache_module._store(entry, key, theirs)  # what the other process did
+        return real_locked(entry)
+
+    monkeypatch.setattr(cache_module, "_locked", locked_after_the_other_built_it)
+    builds: list[int] = []
+    found = cache.get(key, lambda: builds.append(1) or _small())
+    assert builds == []
+    assert found.class_names == ["b"]
+    assert torch.equal(found.splits["s"][0], theirs.splits["s"][0])
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_a_damaged_entry_is_warned_about_naming_the_entry_and_the_damaged_file(
+    tmp_path, caplog
+):
+    # The warning is what tells a person which folder of the cache is broken and
+    # why (here: a file that no longer matches its checksum).
+    cache, key = DecodedCache(tmp_path), {"what": "damaged"}
+    cache.get(key, _small)
+    entry = _entry(tmp_path)
+    labels = entry / "s.labels.npy"
+    raw = bytearray(labels.read_bytes())
+    raw[-1] ^= 0xFF
+    labels.write_bytes(bytes(raw))
+    assert cache.peek(key) is None
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"Data cache entry {entry} is damaged (s.labels.npy fails its checksum): "
+        "rebuilding it."
+    ]
 
 
 def _build_slowly(marker_dir: str, key: dict, root: str, out) -> None:

@@ -86,6 +86,45 @@ def test_dataset_source_tells_folders_from_hub_ids(cifar_dir, tmp_path):
         dataset_source(missing)
 
 
+@pytest.mark.parametrize(
+    "missing", ["./no-such-folder", "../no-such-folder", "~/no-such-folder", "/no-such"]
+)
+def test_a_path_to_no_folder_is_refused_not_taken_for_a_hub_id(
+    tmp_path, monkeypatch, missing
+):
+    # A value written as a path (relative, in the home folder, or absolute) means
+    # a local copy: a typo in it must stop the run, not send it to the hub.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as ex:
+        dataset_source(missing)
+    assert str(ex.value) == (
+        f"run config key 'dataset' = {missing!r} is not allowed: no such folder. "
+        "Expected a hub dataset id (e.g. 'uoft-cs/cifar10') or the path of an "
+        "existing folder holding the dataset in the hub's layout."
+    )
+
+
+def test_a_local_folders_fingerprint_is_its_files_names_sizes_and_mtimes(tmp_path):
+    # It is the data cache's key of what was decoded from the folder, written in
+    # each entry's manifest and hashed into its name: a renamed, resized or
+    # touched file misses the cache; other spellings would miss every user's cache.
+    root = write_hub_layout(
+        tmp_path / "cifar", {"train": make_split(20, 0), "test": make_split(10, 1)}
+    )
+    files = [
+        "plain_text/test-00000-of-00001.parquet",  # sorted, relative to the folder
+        "plain_text/train-00000-of-00001.parquet",
+    ]
+    stats = [(root / f).stat() for f in files]
+    assert pipeline.dataset_fingerprint(str(root)) == {
+        "folder": str(root.resolve()),
+        "files": [
+            [f, st.st_size, st.st_mtime_ns] for f, st in zip(files, stats, strict=True)
+        ],
+    }
+
+
 def test_a_folder_without_the_cifar_columns_is_refused(tmp_path):
     split = make_split(20, 3).rename_column("img", "image")
     folder = write_hub_layout(tmp_path / "other", {"train": split, "test": split})
