@@ -616,7 +616,7 @@ def _wait_serving(
     for tries in range(1, PORT_TRIES + 1):
         try:
             wait_for_port(deployment, name, port, timeout)
-            return port
+            break
         except PortTakenError as ex:
             if tries == PORT_TRIES:
                 raise PortTakenError(
@@ -624,7 +624,7 @@ def _wait_serving(
                     f"it was started on before it listened; the last: {ex}"
                 ) from ex
             port = _start_on_free_port(launch)
-    raise AssertionError("unreachable")  # the loop returns or raises
+    return port
 
 
 def threads_per_supernode(cores: int, supernodes: int) -> int:
