@@ -1,11 +1,12 @@
-"""The app under the Deployment Engine: a real SuperLink and SuperNode processes.
+"""The app under the Deployment Engine: real SuperLink and SuperNode processes.
 
-Each test starts a local deployment on free loopback ports (insecure, or TLS with
-SuperNode authentication), runs the app with `flwr run` on tiny synthetic data
-and stops every process by PID, also when the test fails. Those are marked
-`deployment` (`pytest -m deployment`); they run in CI with the rest. The others
-check, without starting Flower, what stop signals, which files and names are
-refused, certificates and the lock.
+The deployment test starts a local deployment on free loopback ports, with TLS
+and SuperNode authentication, runs the app with `flwr run` on tiny synthetic data
+under SecAgg+, kills a SuperNode mid-round, and stops every process by PID, also
+when the test fails. It is marked `deployment` (`pytest -m deployment`) and runs
+in CI with the rest. The others check, without starting Flower, what an insecure
+start runs, what stop signals, which files and names are refused, certificates
+and the lock.
 """
 
 import contextlib
@@ -80,91 +81,47 @@ def deploy(tmp_path, monkeypatch) -> Iterator[Callable[..., deployment.Deploymen
     assert_nothing_left()
 
 
-def _flwr_run(dep: deployment.Deployment, run_config: dict, timeout: float) -> str:
-    """`flwr run` the app on the deployment; return its streamed log."""
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    done = subprocess.run(
-        [FLWR, "run", str(APP_DIR), dep.connection, "--stream"]
-        + ["--run-config", overrides],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return done.stdout + done.stderr
-
-
-def _run_config(cifar_dir: Path, output_dir: Path, nodes: int, rounds: int) -> dict:
-    return {
-        "dataset": str(cifar_dir),
-        "num-server-rounds": rounds,
-        "min-fit-clients": nodes,
-        "min-evaluate-clients": nodes,
-        "min-available-clients": nodes,
-        "fraction-evaluate": 1.0,
-        "batch-size": 16,
-        "node-wait-timeout": 60.0,
-        "output-dir": str(output_dir),
-    }
-
-
-def _assert_trained(history: dict, rounds: int, clients: int) -> None:
-    assert [r["round"] for r in history["rounds"]] == list(range(rounds + 1))
-    for entry in history["rounds"][1:]:
-        assert entry["fit_clients"] == clients, entry
-        assert entry["evaluate_clients"] == clients, entry
-        assert 0 < entry["distributed_loss"] < 10
-        assert 0 <= entry["distributed_accuracy"] <= 1
-
-
 @pytest.mark.deployment
-def test_secured_deployment_admits_registered_supernodes_only(
-    deploy, cifar_dir, tmp_path, monkeypatch
+def test_a_secured_deployment_with_secure_aggregation_survives_a_killed_supernode(
+    deploy, cifar_dir, tmp_path, monkeypatch, flwr_home
 ):
-    # TLS files of an earlier start that expire soon: refused, then renewed.
+    """Three registered SuperNodes over TLS, one on its own data folder, one killed.
+
+    TLS files of an earlier start that expire soon are refused, then renewed; a
+    fourth SuperNode, whose key was never registered, is refused and exits. The
+    third is killed in round 1: SecAgg+ finishes that round with the two left (its
+    reconstruction threshold), and the run goes on to its last round, evaluating
+    on the nodes left; then `stop` removes the connection that `start` added, and
+    no other.
+    """
     where = tmp_path / "secure"
     _expiring_tls(monkeypatch, where / "certs", 10)
+    site = tmp_path / "site-1"
+    site.mkdir()
+    make_split(60, 5).to_parquet(str(site / "train-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match=r"expires on .* start --secure --renew"):
-        deploy(2, directory=where, secure=True)
-    dep = deploy(2, directory=where, secure=True, renew=True)
+        deploy(3, directory=where, secure=True, data_paths={1: str(site)})
+    dep = deploy(3, directory=where, secure=True, renew=True, data_paths={1: str(site)})
     ca_pem = security.tls_files(dep.certs).ca_cert.read_bytes()
     ca = x509.load_pem_x509_certificate(ca_pem)
     in_300_days = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=300)
     assert ca.not_valid_after_utc > in_300_days
     assert ca.extensions.get_extension_for_class(x509.NameConstraints).critical
-    # A third SuperNode whose key was never registered is refused and exits.
     stranger_key = security.make_supernode_key(tmp_path / "stranger", "stranger")
-    config = deployment.node_config(0, 2, None)
+    config = deployment.node_config(0, 3, None)
     argv = deployment.supernode_argv(dep, config, deployment.free_port(), stranger_key)
     stranger = dep.spawn("stranger", argv)
     out = tmp_path / "outputs"
-    _flwr_run(dep, _run_config(cifar_dir, out, nodes=2, rounds=1), 300)
-    _assert_trained(history_of(out), rounds=1, clients=2)
-    deadline = time.monotonic() + 60
-    while stranger.running() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not stranger.running(), "the unregistered SuperNode was not refused"
-    assert "Failed to activate SuperNode" in dep.log_tail("stranger", 40)
-
-
-@pytest.mark.deployment
-def test_secure_aggregation_survives_a_supernode_killed_mid_round(
-    deploy, cifar_dir, tmp_path, flwr_home
-):
-    """Three real SuperNodes, one on its own data folder, one killed in round 1.
-
-    SecAgg+ finishes that round with the two left (its reconstruction threshold),
-    and the run goes on to its last round; then `stop` removes the connection that
-    `start` added, and no other.
-    """
-    site = tmp_path / "site-1"
-    site.mkdir()
-    make_split(60, 5).to_parquet(str(site / "train-00000-of-00001.parquet"))
-    dep = deploy(3, data_paths={1: str(site)})
-    out = tmp_path / "outputs"
-    run_config = _run_config(cifar_dir, out, nodes=3, rounds=2) | {
+    run_config = {
+        "dataset": str(cifar_dir),
+        "num-server-rounds": 2,
         "min-fit-clients": 2,
+        "min-evaluate-clients": 2,
         "min-available-clients": 2,
-        "fraction-evaluate": 0.0,  # no waiting on the lost node to evaluate
+        "fraction-evaluate": 1.0,
+        "batch-size": 16,
+        "node-wait-timeout": 60.0,
+        "output-dir": str(out),
         "secure-aggregation": True,
         "secagg-num-shares": 3,
         "secagg-reconstruction-threshold": 2,
@@ -210,8 +167,17 @@ def test_secure_aggregation_survives_a_supernode_killed_mid_round(
     # Node 0 trained on partition 0 of 3 (80 images, 64 after the 80/20 split),
     # node 1 on its own folder's 60 images (48); node 2 is gone.
     assert rounds[2]["fit_examples"] == {"0": 64, "1": 48}
+    for entry in rounds[1:]:  # the nodes left evaluate, every round
+        assert entry["evaluate_clients"] == 2, entry
+        assert 0 < entry["distributed_loss"] < 10
+        assert 0 <= entry["distributed_accuracy"] <= 1
     accuracy = [r["centralized_accuracy"] for r in rounds]
     assert len(set(accuracy)) > 1  # the model changed: aggregates were taken
+    deadline = time.monotonic() + 60
+    while stranger.running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not stranger.running(), "the unregistered SuperNode was not refused"
+    assert "Failed to activate SuperNode" in dep.log_tail("stranger", 40)
     assert dep.connection in _connections(flwr_home)
     _, _, removed = deployment.stop(dep.directory)
     assert removed
@@ -813,6 +779,27 @@ def test_start_starts_a_process_whose_port_was_taken_again_on_another(
         assert argv[argv.index("--superlink") + 1] == "127.0.0.1:20002"
         assert env["OMP_NUM_THREADS"] == "5"  # 16 cores, 3 SuperNodes
     assert fake.stopped == 0
+
+
+def test_an_insecure_start_runs_everything_insecure(tmp_path, monkeypatch, flwr_home):
+    # The one deployment run end to end is secured; this is all that differs.
+    add_connection = deployment.Deployment.add_connection
+    fake = _FakeStart(monkeypatch, {})
+    dep = deployment.start(tmp_path / "dep", 2)
+    assert [name for name, _, _ in fake.spawned] == [
+        "superlink",
+        "supernode-0",
+        "supernode-1",
+    ]
+    for _, argv, _ in fake.spawned:
+        assert argv[-1] == "--insecure", argv
+        assert not [arg for arg in argv if arg.startswith(("--ssl", "--root", "--a"))]
+    assert not dep.certs.exists() and not dep.keys.exists()
+    add_connection(dep)  # the connection as `start` adds it
+    assert _connections(flwr_home)[dep.connection] == {
+        "address": dep.address,
+        "insecure": True,
+    }
 
 
 def test_start_gives_up_after_port_tries_and_stops_what_it_started(
