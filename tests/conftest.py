@@ -102,12 +102,54 @@ def history_of(output_dir: Path) -> dict:
 PROCESS_FIXTURES = {"run_python", "run_python_module", "deploy"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that starts processes `slow` (fast tier: -m 'not slow')."""
+# The files of deployments (marked `deployment`): under pytest-xdist one worker
+# runs them one after the other. Two at once on 2 cores starve each other's
+# ClientApp processes (one per message), and both take longer than in turn.
+DEPLOYMENT_FILES = ("tests/test_deployment.py", "tests/test_hosts.py")
+
+
+def _rank(item: pytest.Item, where: str) -> int:
+    """0: in a file of deployments; 1: another slow test; 2: a fast one."""
+    if where in DEPLOYMENT_FILES:
+        return 0
+    return 1 if item.get_closest_marker("slow") else 2
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Mark every test that starts processes `slow` (fast tier: -m 'not slow').
+
+    Files of deployments come first, then those with other slow tests: the
+    workers start on the longest work, and short files even out the end.
+    """
+    rank: dict[Path, int] = {}
     for item in items:
         starts_processes = PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if starts_processes or item.get_closest_marker("deployment"):
+        deployment = item.get_closest_marker("deployment") is not None
+        if starts_processes or deployment:
             item.add_marker(pytest.mark.slow)
+        where = item.path.relative_to(config.rootpath).as_posix()
+        if deployment and where not in DEPLOYMENT_FILES:
+            raise pytest.UsageError(
+                f"{item.nodeid}: a deployment outside {DEPLOYMENT_FILES}"
+            )
+        rank[item.path] = min(rank.get(item.path, 2), _rank(item, where))
+    items.sort(key=lambda item: rank[item.path])  # stable: file order otherwise
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadfile`, but with all of DEPLOYMENT_FILES on the same worker."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DeploymentsInTurn(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            where = nodeid.split("::", 1)[0]
+            return "deployments" if where in DEPLOYMENT_FILES else where
+
+    return DeploymentsInTurn(config, log)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
