@@ -177,7 +177,8 @@ def test_a_secured_deployment_with_secure_aggregation_survives_a_killed_supernod
     while stranger.running() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not stranger.running(), "the unregistered SuperNode was not refused"
-    assert "Failed to activate SuperNode" in dep.log_tail("stranger", 40)
+    # Its SuperExec, left waiting for it, logs its retries after that.
+    assert "Failed to activate SuperNode" in dep.log_tail("stranger", 100_000)
     assert dep.connection in _connections(flwr_home)
     _, _, removed = deployment.stop(dep.directory)
     assert removed
