@@ -215,6 +215,18 @@ def _entry(cache_dir: Path) -> Path:
     return entry
 
 
+def _flip_byte(path: Path, at: int) -> None:
+    """Damage `path`: invert the bits of its byte at `at` (negative: from the end)."""
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages logged as warnings."""
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_a_damaged_entry_is_rebuilt_never_used(
     cifar_dir, tmp_path, decodes, damage, caplog
@@ -226,9 +238,7 @@ def test_a_damaged_entry_is_rebuilt_never_used(
     if damage == "truncate":
         images.write_bytes(images.read_bytes()[:-100])
     elif damage == "flip":
-        raw = bytearray(images.read_bytes())
-        raw[-1] ^= 0xFF
-        images.write_bytes(bytes(raw))
+        _flip_byte(images, -1)
     else:
         (entry / "manifest.json").write_text("{not json")
     _fresh_process()
@@ -297,8 +307,7 @@ def test_an_unwritable_cache_folder_is_warned_about_once_with_the_reason(
     for root, what in ((blocker / "cache", "a"), (blocker / "cache", "b")):
         assert DecodedCache(root).get({"what": what}, _small).class_names == ["a"]
     DecodedCache(blocker / "other").get({"what": "a"}, _small)
-    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    warned = [m for m in messages if m.startswith("Cannot write")]
+    warned = [m for m in _warnings(caplog) if m.startswith("Cannot write")]
     assert warned == expected  # once per folder, not once per entry
 
 
@@ -393,8 +402,7 @@ def test_a_cache_folder_deleted_during_a_write_is_warned_about_with_the_writes_e
 
     monkeypatch.setattr(np, "save", save_after_clearing)
     assert DecodedCache(root).get({"what": "cleared"}, _small).class_names == ["a"]
-    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    (warned,) = [m for m in messages if m.startswith("Cannot write")]
+    (warned,) = [m for m in _warnings(caplog) if m.startswith("Cannot write")]
     # The file that could not be written, not the temporary folder that then
     # could not be removed either.
     assert "s.images.npy" in warned
@@ -443,11 +451,7 @@ def test_damage_early_in_a_file_longer_than_one_read_is_found(tmp_path, caplog):
     cache, key = DecodedCache(tmp_path), {"what": "big"}
     cache.get(key, lambda: big)
     assert cache.peek(key) is not None  # whole, it is found
-    with open(_entry(tmp_path) / "s.images.npy", "r+b") as f:
-        f.seek(1000)
-        byte = f.read(1)[0]
-        f.seek(1000)
-        f.write(bytes([byte ^ 0xFF]))
+    _flip_byte(_entry(tmp_path) / "s.images.npy", 1000)
     assert cache.peek(key) is None
     assert "is damaged" in caplog.text
 
@@ -490,7 +494,7 @@ def test_a_hit_takes_no_lock_so_a_cache_folder_that_is_only_readable_serves_it(
     assert builds == []
     assert found.class_names == ["a"]
     assert torch.equal(found.splits["s"][0], _small().splits["s"][0])
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert _warnings(caplog) == []
 
 
 def test_a_process_that_waited_for_the_lock_uses_the_entry_built_meanwhile(
@@ -514,7 +518,7 @@ def test_a_process_that_waited_for_the_lock_uses_the_entry_built_meanwhile(
     assert builds == []
     assert found.class_names == ["b"]
     assert torch.equal(found.splits["s"][0], theirs.splits["s"][0])
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert _warnings(caplog) == []
 
 
 def test_a_damaged_entry_is_warned_about_naming_the_entry_and_the_damaged_file(
@@ -525,12 +529,9 @@ def test_a_damaged_entry_is_warned_about_naming_the_entry_and_the_damaged_file(
     cache, key = DecodedCache(tmp_path), {"what": "damaged"}
     cache.get(key, _small)
     entry = _entry(tmp_path)
-    labels = entry / "s.labels.npy"
-    raw = bytearray(labels.read_bytes())
-    raw[-1] ^= 0xFF
-    labels.write_bytes(bytes(raw))
+    _flip_byte(entry / "s.labels.npy", -1)
     assert cache.peek(key) is None
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+    assert _warnings(caplog) == [
         f"Data cache entry {entry} is damaged (s.labels.npy fails its checksum): "
         "rebuilding it."
     ]
