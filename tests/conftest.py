@@ -98,6 +98,11 @@ def history_of(output_dir: Path) -> dict:
     return json.loads((run_dir_of(output_dir) / "history.json").read_text())
 
 
+def logged_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages logged as warnings."""
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
 # Fixtures that start processes: a test using any of them is in the slow tier.
 PROCESS_FIXTURES = {"run_python", "run_python_module", "deploy"}
 

@@ -19,6 +19,7 @@ from conftest import (
     APP_DIR,
     CIFAR10_CLASSES,
     data_settings,
+    logged_warnings,
     make_split,
     write_hub_layout,
 )
@@ -222,11 +223,6 @@ def _flip_byte(path: Path, at: int) -> None:
     path.write_bytes(bytes(raw))
 
 
-def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """The messages logged as warnings."""
-    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-
-
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_a_damaged_entry_is_rebuilt_never_used(
     cifar_dir, tmp_path, decodes, damage, caplog
@@ -307,7 +303,7 @@ def test_an_unwritable_cache_folder_is_warned_about_once_with_the_reason(
     for root, what in ((blocker / "cache", "a"), (blocker / "cache", "b")):
         assert DecodedCache(root).get({"what": what}, _small).class_names == ["a"]
     DecodedCache(blocker / "other").get({"what": "a"}, _small)
-    warned = [m for m in _warnings(caplog) if m.startswith("Cannot write")]
+    warned = [m for m in logged_warnings(caplog) if m.startswith("Cannot write")]
     assert warned == expected  # once per folder, not once per entry
 
 
@@ -402,7 +398,7 @@ def test_a_cache_folder_deleted_during_a_write_is_warned_about_with_the_writes_e
 
     monkeypatch.setattr(np, "save", save_after_clearing)
     assert DecodedCache(root).get({"what": "cleared"}, _small).class_names == ["a"]
-    (warned,) = [m for m in _warnings(caplog) if m.startswith("Cannot write")]
+    (warned,) = [m for m in logged_warnings(caplog) if m.startswith("Cannot write")]
     # The file that could not be written, not the temporary folder that then
     # could not be removed either.
     assert "s.images.npy" in warned
@@ -494,7 +490,7 @@ def test_a_hit_takes_no_lock_so_a_cache_folder_that_is_only_readable_serves_it(
     assert builds == []
     assert found.class_names == ["a"]
     assert torch.equal(found.splits["s"][0], _small().splits["s"][0])
-    assert _warnings(caplog) == []
+    assert logged_warnings(caplog) == []
 
 
 def test_a_process_that_waited_for_the_lock_uses_the_entry_built_meanwhile(
@@ -518,7 +514,7 @@ def test_a_process_that_waited_for_the_lock_uses_the_entry_built_meanwhile(
     assert builds == []
     assert found.class_names == ["b"]
     assert torch.equal(found.splits["s"][0], theirs.splits["s"][0])
-    assert _warnings(caplog) == []
+    assert logged_warnings(caplog) == []
 
 
 def test_a_damaged_entry_is_warned_about_naming_the_entry_and_the_damaged_file(
@@ -531,7 +527,7 @@ def test_a_damaged_entry_is_warned_about_naming_the_entry_and_the_damaged_file(
     entry = _entry(tmp_path)
     _flip_byte(entry / "s.labels.npy", -1)
     assert cache.peek(key) is None
-    assert _warnings(caplog) == [
+    assert logged_warnings(caplog) == [
         f"Data cache entry {entry} is damaged (s.labels.npy fails its checksum): "
         "rebuilding it."
     ]
