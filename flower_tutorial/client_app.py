@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Config, Context, NDArrays, Scalar
-from torch import nn
 
 from flower_tutorial.config import (
     NUM_PARTITIONS,
@@ -13,18 +17,34 @@ from flower_tutorial.config import (
     RunSettings,
 )
 from flower_tutorial.privacy import privacy_mod
-from flower_tutorial.task import (
-    Net,
-    TensorLoader,
-    get_device,
-    get_parameters,
-    load_data,
-    load_local_data,
-    set_parameters,
-    set_seed,
-    test,
-    train,
-)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from flower_tutorial.task import TensorLoader
+
+
+def lazy_import(name: str) -> ModuleType:
+    """Return module `name`, imported on first use of one of its names.
+
+    `importlib.util.LazyLoader`'s recipe, for a module of Python source; a module
+    imported already is returned as it is, so that there is only ever one of it.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+# The model's code, and PyTorch with it, loads when a message needs the model. In a
+# deployment every message starts a ClientApp process, and under SecAgg+ three
+# messages in four only exchange keys and shares: those processes skip PyTorch's
+# import, about 4 s of CPU each.
+task = lazy_import("flower_tutorial.task")
 
 
 class FlowerClient(NumPyClient):
@@ -44,7 +64,7 @@ class FlowerClient(NumPyClient):
         self.settings = settings
         self.partition_id = node.partition_id
         self.num_partitions = node.num_partitions
-        self.device = get_device()
+        self.device = task.get_device()
 
     def get_properties(self, config: Config) -> dict[str, Scalar]:
         """Tell the server which partition this node holds (it orders sampling)."""
@@ -52,7 +72,7 @@ class FlowerClient(NumPyClient):
 
     def get_parameters(self, config: Config) -> NDArrays:
         """Return the local model's parameters."""
-        return get_parameters(self.net)
+        return task.get_parameters(self.net)
 
     def fit(
         self, parameters: NDArrays, config: Config
@@ -63,10 +83,12 @@ class FlowerClient(NumPyClient):
         does), so that FedAvg weighs each client by how much data it holds. Under
         FedProx, the server's `proximal_mu` adds its proximal term to the loss.
         """
-        set_parameters(self.net, parameters)
+        task.set_parameters(self.net, parameters)
         # Same (seed, partition, round) -> same shuffling, whichever worker runs it.
-        set_seed(self.settings.seed, self.partition_id, int(config["server-round"]))
-        train_loss = train(
+        task.set_seed(
+            self.settings.seed, self.partition_id, int(config["server-round"])
+        )
+        train_loss = task.train(
             self.net,
             self.trainloader,
             epochs=self.settings.local_epochs,
@@ -75,14 +97,14 @@ class FlowerClient(NumPyClient):
             proximal_mu=float(config.get("proximal_mu", 0.0)),
         )
         num_examples = len(self.trainloader.dataset)
-        return get_parameters(self.net), num_examples, {"train_loss": train_loss}
+        return task.get_parameters(self.net), num_examples, {"train_loss": train_loss}
 
     def evaluate(
         self, parameters: NDArrays, config: Config
     ) -> tuple[float, int, dict[str, Scalar]]:
         """Evaluate the received model on the local validation data."""
-        set_parameters(self.net, parameters)
-        loss, accuracy = test(self.net, self.valloader, self.device)
+        task.set_parameters(self.net, parameters)
+        loss, accuracy = task.test(self.net, self.valloader, self.device)
         return loss, len(self.valloader.dataset), {"accuracy": accuracy}
 
 
@@ -95,14 +117,14 @@ def client_fn(context: Context) -> Client:
     settings = RunSettings.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     if node.data_path is not None:
-        trainloader, valloader = load_local_data(
-            node.data_path, settings.data, get_device()
+        trainloader, valloader = task.load_local_data(
+            node.data_path, settings.data, task.get_device()
         )
     else:
-        trainloader, valloader = load_data(
-            node.partition_id, node.num_partitions, settings.data, get_device()
+        trainloader, valloader = task.load_data(
+            node.partition_id, node.num_partitions, settings.data, task.get_device()
         )
-    return FlowerClient(Net(), trainloader, valloader, settings, node).to_client()
+    return FlowerClient(task.Net(), trainloader, valloader, settings, node).to_client()
 
 
 # Secure aggregation and differential privacy, as the run config asks.

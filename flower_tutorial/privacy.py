@@ -45,7 +45,6 @@ from flower_tutorial.config import (
     PrivacySettings,
     clipped_count_stddev,
 )
-from flower_tutorial.data import train_split_size
 
 
 def privacy_mod(
@@ -164,6 +163,10 @@ def secure_fit_workflow(
     workflow's waits for replies end at round-timeout: the grid it is given
     ends them.
     """
+    # Here, not at the top: data.py imports PyTorch, which the ClientApp's
+    # privacy_mod, also defined here, does without (client_app.py says why).
+    from flower_tutorial.data import train_split_size
+
     max_weight = 1 if privacy.central_dp else train_split_size(data)
     return SecAggPlusWorkflow(
         num_shares=privacy.secagg_num_shares,

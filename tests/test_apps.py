@@ -2,6 +2,7 @@
 
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,29 @@ def client(run_config) -> FlowerClient:
     return FlowerClient(Net(), trainloader, valloader, settings, node)
 
 
+def test_the_client_loads_the_one_task_module_there_is():
+    # Loaded lazily (for messages that need no model), never a second copy.
+    assert client_app.task is task
+    assert client_app.lazy_import("flower_tutorial.task") is task
+
+
+def test_lazy_import_runs_a_module_at_its_first_use_and_not_before(tmp_path):
+    ran = tmp_path / "ran"
+    module_file = tmp_path / "lazily_imported.py"
+    module_file.write_text(f"open({str(ran)!r}, 'a').close()\nANSWER = 42\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = client_app.lazy_import("lazily_imported")
+        assert sys.modules["lazily_imported"] is module
+        assert not ran.exists()
+        assert module.ANSWER == 42
+        assert ran.exists()
+        assert module.__file__ == str(module_file)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lazily_imported", None)
+
+
 def test_fit_trains_and_counts_examples_not_batches(client):
     set_seed(0)
     initial = get_parameters(Net())
@@ -72,8 +96,8 @@ def test_fit_seeds_its_shuffling_with_the_run_seed_partition_and_round(
     client, monkeypatch
 ):
     seeds = []
-    monkeypatch.setattr(client_app, "set_seed", lambda *seed: seeds.append(seed))
-    monkeypatch.setattr(client_app, "train", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(client_app.task, "set_seed", lambda *seed: seeds.append(seed))
+    monkeypatch.setattr(client_app.task, "train", lambda *args, **kwargs: 1.0)
     client.fit(get_parameters(Net()), {"server-round": 3})
     assert seeds == [(42, 1, 3)]  # the default seed, partition 1, round 3
 
@@ -103,11 +127,11 @@ def test_the_client_loads_trains_and_evaluates_on_the_device_get_device_picks(
         calls.append(("test", device))
         return 0.5, 0.25
 
-    monkeypatch.setattr(client_app, "get_device", lambda: gpu)
-    monkeypatch.setattr(client_app, "load_data", load)
-    monkeypatch.setattr(client_app, "load_local_data", load)
-    monkeypatch.setattr(client_app, "train", train)
-    monkeypatch.setattr(client_app, "test", test)
+    monkeypatch.setattr(client_app.task, "get_device", lambda: gpu)
+    monkeypatch.setattr(client_app.task, "load_data", load)
+    monkeypatch.setattr(client_app.task, "load_local_data", load)
+    monkeypatch.setattr(client_app.task, "train", train)
+    monkeypatch.setattr(client_app.task, "test", test)
     node_config = {"partition-id": 1, "num-partitions": NUM_PARTITIONS}
     numpy_client = client_fn(make_context(run_config, node_config)).numpy_client
     assert numpy_client.device == gpu

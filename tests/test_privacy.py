@@ -1,6 +1,9 @@
 """Secure aggregation and differential privacy: clipping, noise, accounting, budget."""
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -129,6 +132,64 @@ def test_secaggplus_weighs_every_clipped_update_once(
     reply = privacy_mod(msg, context, _trains_on_100)
     assert _num_examples(reply) == weight
     assert seen == ([weight] if secure_aggregation else [])
+
+
+# A ClientApp process as a deployment starts it for SecAgg+'s first stage: it loads
+# the app and answers with its public keys, without PyTorch. Then a message that
+# needs the model (which partition the node holds) loads it.
+KEY_EXCHANGE_THEN_THE_MODEL = """
+import json, sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import GetPropertiesIns
+from flwr.common.constant import MessageTypeLegacy
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS, Key, Stage,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.task_identity import TaskIdentity
+from flower_tutorial.client_app import app
+
+for name in ("_task_id", "_run_id", "_node_id"):
+    setattr(TaskIdentity, name, 1)
+setup = {
+    Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3,
+    Key.THRESHOLD: 2, Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22,
+    Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 1000.0,
+}
+content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)})
+msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+node_config = {"partition-id": 2, "num-partitions": 3}
+context = Context(1, 1, node_config, RecordDict(), json.loads(sys.argv[1]))
+reply = app(msg, context)
+assert not reply.has_error(), reply.error
+print(sorted(reply.content.config_records[RECORD_KEY_CONFIGS]))
+print("torch imported:", "torch" in sys.modules)
+content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
+msg = Message(content, dst_node_id=1, message_type=MessageTypeLegacy.GET_PROPERTIES)
+reply = app(msg, context)
+assert not reply.has_error(), reply.error
+print(compat.recorddict_to_getpropertiesres(reply.content).properties)
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_secaggplus_key_exchange_loads_pytorch_only_when_the_model_is_needed(
+    run_config,
+):
+    run_config = run_config | {"secure-aggregation": True}
+    done = subprocess.run(
+        [sys.executable, "-c", KEY_EXCHANGE_THEN_THE_MODEL, json.dumps(run_config)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "['pk1', 'pk2']",
+        "torch imported: False",
+        "{'partition-id': 2, 'num-partitions': 3}",
+        "torch imported: True",
+    ]
 
 
 @pytest.mark.parametrize(("dp", "max_weight"), [("none", 240), ("central-fixed", 1)])
