@@ -20,8 +20,11 @@ from flwr.common import Message
 from flwr.common.logger import log
 from flwr.server import Grid
 
-# How often a wait for replies asks the SuperLink (at most).
-POLL_SECONDS = 0.25
+# How often a wait for replies asks for them: every tenth of the time waited so
+# far, but at least every 2 s and at most every 0.25 s.
+POLL_FRACTION = 0.1
+FIRST_POLL_SECONDS = 0.25
+LAST_POLL_SECONDS = 2.0
 
 
 class RunStoppedError(RuntimeError):
@@ -45,12 +48,22 @@ class StoppableGrid:
         self._timeout = timeout  # for callers that give none (DefaultWorkflow)
         # Flower's grid polls every 0.1 s in memory, but every 3 s over HTTP
         # (`flwr run`, deployments): every wait for replies would then end up to
-        # 3 s after the last reply came. A local SuperLink answers a pull in ms.
-        self._interval = min(float(getattr(grid, "pull_interval", 3.0)), POLL_SECONDS)
+        # 3 s after the last reply came. Over HTTP each pull is a request the
+        # SuperLink serves, one per client waited on, so a long wait (ClientApp
+        # processes starting, a lost node) asks less and less often: a reply is
+        # seen at most a tenth of the wait late. Never slower than Flower's pace.
+        pace = float(getattr(grid, "pull_interval", 3.0))
+        self._first_interval = min(pace, FIRST_POLL_SECONDS)
+        self._last_interval = min(pace, LAST_POLL_SECONDS)
 
     def __getattr__(self, name: str) -> Any:
         """Everything else is the wrapped Grid's."""
         return getattr(self._grid, name)
+
+    def poll_interval(self, waited: float) -> float:
+        """Return how long to wait before the next pull, `waited` seconds in."""
+        interval = max(waited * POLL_FRACTION, self._first_interval)
+        return min(interval, self._last_interval)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -58,7 +71,8 @@ class StoppableGrid:
         """Push `messages`, then pull replies until all came, time ran out or stop."""
         pending = set(self._grid.push_messages(messages))
         timeout = self._timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         replies: list[Message] = []
         while True:
             for reply in list(self._grid.pull_messages(list(pending))):
@@ -66,7 +80,8 @@ class StoppableGrid:
                 pending.discard(reply.metadata.reply_to_message_id)
             if not pending or (deadline is not None and time.monotonic() > deadline):
                 return replies
-            if self._stopped.wait(self._interval):
+            waited = time.monotonic() - started
+            if self._stopped.wait(self.poll_interval(waited)):
                 raise RunStoppedError("The run was stopped while waiting for replies.")
 
 

@@ -107,3 +107,28 @@ def test_a_stop_ends_the_wait_for_replies_at_once():
         grid.send_and_receive(["a message"])
     # Within a poll (0.25 s), not Flower's 3 s, nor the 30 s timeout.
     assert time.monotonic() - start < 2.0
+
+
+class _MemoryGrid(_SilentGrid):
+    pull_interval = 0.1  # Flower's in memory (simulation)
+
+
+@pytest.mark.parametrize(
+    ("grid", "waited", "interval"),
+    [
+        # Over HTTP: a tenth of the time waited, from 0.25 s up to 2 s.
+        (_SilentGrid(), 0.0, 0.25),
+        (_SilentGrid(), 2.5, 0.25),
+        (_SilentGrid(), 7.0, 0.7),
+        (_SilentGrid(), 20.0, 2.0),
+        (_SilentGrid(), 600.0, 2.0),
+        # In memory, where a pull costs next to nothing: Flower's 0.1 s throughout.
+        (_MemoryGrid(), 0.0, 0.1),
+        (_MemoryGrid(), 60.0, 0.1),
+    ],
+)
+def test_a_long_wait_asks_less_often_and_never_slower_than_flowers_grid(
+    grid, waited, interval
+):
+    stoppable = StoppableGrid(grid, threading.Event())
+    assert stoppable.poll_interval(waited) == pytest.approx(interval)
