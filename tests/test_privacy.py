@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import (
+    APP_DIR,
     default_run_config,
     first_round_updates,
     in_process,
@@ -182,8 +183,10 @@ def test_secaggplus_key_exchange_loads_pytorch_only_when_the_model_is_needed(
         [sys.executable, "-c", KEY_EXCHANGE_THEN_THE_MODEL, json.dumps(run_config)],
         capture_output=True,
         text=True,
+        cwd=APP_DIR,
+        timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
         "['pk1', 'pk2']",
         "torch imported: False",
