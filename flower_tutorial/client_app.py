@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from types import ModuleType
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Config, Context, NDArrays, Scalar
@@ -24,27 +22,26 @@ if TYPE_CHECKING:
     from flower_tutorial.task import TensorLoader
 
 
-def lazy_import(name: str) -> ModuleType:
-    """Return module `name`, imported on first use of one of its names.
+class LazyModule:
+    """The names of module `name`, which is imported when the first one is used.
 
-    `importlib.util.LazyLoader`'s recipe, for a module of Python source; a module
-    imported already is returned as it is, so that there is only ever one of it.
+    A plain import at first use, so a second thread waits for the first one's
+    import to finish (importlib's LazyLoader does not, in Python 3.11).
     """
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        """Return the module's `attr`, importing the module on the first call."""
+        return getattr(importlib.import_module(self._name), attr)
 
 
 # The model's code, and PyTorch with it, loads when a message needs the model. In a
 # deployment every message starts a ClientApp process, and under SecAgg+ three
 # messages in four only exchange keys and shares: those processes skip PyTorch's
 # import, about 4 s of CPU each.
-task = lazy_import("flower_tutorial.task")
+task = LazyModule("flower_tutorial.task")
 
 
 class FlowerClient(NumPyClient):

@@ -3,6 +3,7 @@
 import math
 import random
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,24 +50,40 @@ def client(run_config) -> FlowerClient:
     return FlowerClient(Net(), trainloader, valloader, settings, node)
 
 
-def test_the_client_loads_the_one_task_module_there_is():
-    # Loaded lazily (for messages that need no model), never a second copy.
-    assert client_app.task is task
-    assert client_app.lazy_import("flower_tutorial.task") is task
+def test_the_client_uses_task_py_itself():
+    # Imported at its first use (for messages that need the model): the same names.
+    assert client_app.task.Net is task.Net
+    assert client_app.task.train is task.train
 
 
-def test_lazy_import_runs_a_module_at_its_first_use_and_not_before(tmp_path):
+def test_a_lazy_module_is_imported_at_its_first_use_once_for_all_threads(tmp_path):
     ran = tmp_path / "ran"
-    module_file = tmp_path / "lazily_imported.py"
-    module_file.write_text(f"open({str(ran)!r}, 'a').close()\nANSWER = 42\n")
+    # Slow to import, as PyTorch is: other threads ask for it meanwhile.
+    (tmp_path / "lazily_imported.py").write_text(
+        f"import time\nopen({str(ran)!r}, 'a').write('ran ')\n"
+        "time.sleep(0.5)\nANSWER = 42\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
-        module = client_app.lazy_import("lazily_imported")
-        assert sys.modules["lazily_imported"] is module
-        assert not ran.exists()
-        assert module.ANSWER == 42
-        assert ran.exists()
-        assert module.__file__ == str(module_file)
+        lazy = client_app.LazyModule("lazily_imported")
+        assert not ran.exists() and "lazily_imported" not in sys.modules
+        answers, errors = [], []
+
+        def ask() -> None:
+            try:
+                answers.append(lazy.ANSWER)
+            except Exception as error:  # noqa: BLE001 - what a thread saw, to assert
+                errors.append(error)
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
+        assert answers == [42] * 4
+        assert ran.read_text() == "ran "  # imported once
+        assert sys.modules["lazily_imported"].ANSWER == 42
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("lazily_imported", None)
