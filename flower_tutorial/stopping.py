@@ -21,7 +21,7 @@ from flwr.common.logger import log
 from flwr.server import Grid
 
 # How often a wait for replies asks for them: every tenth of the time waited so
-# far, but at least every 2 s and at most every 0.25 s.
+# far, and between 0.25 s and 2 s apart.
 POLL_FRACTION = 0.1
 FIRST_POLL_SECONDS = 0.25
 LAST_POLL_SECONDS = 2.0
@@ -78,10 +78,13 @@ class StoppableGrid:
             for reply in list(self._grid.pull_messages(list(pending))):
                 replies.append(reply)
                 pending.discard(reply.metadata.reply_to_message_id)
-            if not pending or (deadline is not None and time.monotonic() > deadline):
+            now = time.monotonic()
+            if not pending or (deadline is not None and now >= deadline):
                 return replies
-            waited = time.monotonic() - started
-            if self._stopped.wait(self.poll_interval(waited)):
+            interval = self.poll_interval(now - started)
+            if deadline is not None:  # a last pull at the deadline, not after it
+                interval = min(interval, deadline - now)
+            if self._stopped.wait(interval):
                 raise RunStoppedError("The run was stopped while waiting for replies.")
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from flower_tutorial import stopping
 from flower_tutorial.stopping import RunStoppedError, StoppableGrid, stop_on_ctrl_c
 
 
@@ -105,7 +106,7 @@ def test_a_stop_ends_the_wait_for_replies_at_once():
     start = time.monotonic()
     with pytest.raises(RunStoppedError, match="stopped while waiting for replies"):
         grid.send_and_receive(["a message"])
-    # Within a poll (0.25 s), not Flower's 3 s, nor the 30 s timeout.
+    # At once, not after a poll (Flower's: 3 s) nor at the 30 s timeout.
     assert time.monotonic() - start < 2.0
 
 
@@ -132,3 +133,32 @@ def test_a_long_wait_asks_less_often_and_never_slower_than_flowers_grid(
 ):
     stoppable = StoppableGrid(grid, threading.Event())
     assert stoppable.poll_interval(waited) == pytest.approx(interval)
+
+
+class _Clock:
+    """Time that passes only while the wait for replies waits (a stop never comes)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += seconds
+        return False
+
+
+def test_a_wait_for_replies_backs_off_and_ends_at_its_deadline(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(stopping, "time", clock)
+    grid = StoppableGrid(_SilentGrid(), clock, timeout=30.0)
+    assert grid.send_and_receive(["a message"]) == []
+    assert clock.now == 30.0  # its last pull at the deadline, not up to 2 s after
+    waits = clock.waits
+    assert waits[:10] == [0.25] * 10  # the first 2.5 s
+    assert waits[10:13] == pytest.approx([0.25, 0.275, 0.3025])  # a tenth of it
+    assert max(waits) == 2.0
+    assert len(waits) == 37  # at a fixed 0.25 s: 120
