@@ -114,8 +114,8 @@ PROCESS_FIXTURES = {"run_python", "run_python_module", "deploy"}
 # worker its next file once it has two tests left, which then waits seconds, not
 # the minutes of a deployment.
 DEPLOYMENT_FILES = ("tests/test_hosts.py", "tests/test_deployment.py")
-# The files that go out first, longest first (`--durations`: deployments 215 and
-# 250 s, then 120, 85, 85 and 65 s of simulations); then other slow files, then
+# The files that go out first, longest first (`--durations`: deployments 250 and
+# 250 s, then 120, 75, 55 and 45 s of simulations); then other slow files, then
 # fast ones, which even out the end.
 FIRST_FILES = (
     *DEPLOYMENT_FILES,

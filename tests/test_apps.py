@@ -56,14 +56,16 @@ def test_the_client_uses_task_py_itself():
     assert client_app.task.train is task.train
 
 
-def test_a_lazy_module_is_imported_at_its_first_use_once_for_all_threads(tmp_path):
+def test_a_lazy_module_is_imported_at_its_first_use_once_for_all_threads(
+    tmp_path, monkeypatch
+):
     ran = tmp_path / "ran"
     # Slow to import, as PyTorch is: other threads ask for it meanwhile.
     (tmp_path / "lazily_imported.py").write_text(
         f"import time\nopen({str(ran)!r}, 'a').write('ran ')\n"
         "time.sleep(0.5)\nANSWER = 42\n"
     )
-    sys.path.insert(0, str(tmp_path))
+    monkeypatch.syspath_prepend(tmp_path)
     try:
         lazy = client_app.LazyModule("lazily_imported")
         assert not ran.exists() and "lazily_imported" not in sys.modules
@@ -85,7 +87,6 @@ def test_a_lazy_module_is_imported_at_its_first_use_once_for_all_threads(tmp_pat
         assert ran.read_text() == "ran "  # imported once
         assert sys.modules["lazily_imported"].ANSWER == 42
     finally:
-        sys.path.remove(str(tmp_path))
         sys.modules.pop("lazily_imported", None)
 
 
