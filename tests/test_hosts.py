@@ -388,6 +388,12 @@ def _reconnections(dep: deployment.Deployment, i: int) -> int:
     return log.count("Connection successful after")
 
 
+def _failed_attempts(dep: deployment.Deployment, i: int) -> int:
+    """How often SuperNode `i` has failed to reach the SuperLink (and will retry)."""
+    log = dep.log_tail(f"supernode-{i}", 100_000)
+    return log.count("Connection attempt failed")
+
+
 def _serverapps() -> list[int]:
     """The ServerApp processes this test's SuperLinks started (adopted or not)."""
     running = _live_descendants(os.getpid())
@@ -459,9 +465,21 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             note("node back in round", back)
             assert back < NUM_ROUNDS, "no round left to kill the SuperLink in"
             reconnected = [_reconnections(dep, i) for i in range(NUM_NODES)]
+            failed = [_failed_attempts(dep, i) for i in range(NUM_NODES)]
             # Mid-run: round back + 1 has started.
             os.kill(dep.processes["superlink"].pid, signal.SIGKILL)
             note("SuperLink killed in round", back + 1)
+            # Down until both SuperNodes have missed it (they ask every 3 s when
+            # idle): a SuperLink back within a second is never missed, and its
+            # SuperNodes would have nothing to reconnect from.
+            _wait(
+                "both SuperNodes to miss the SuperLink",
+                lambda: all(
+                    _failed_attempts(dep, i) > failed[i] for i in range(NUM_NODES)
+                ),
+                60,
+            )
+            note("SuperNodes missed the SuperLink")
             note("flwr run --stream exit code", _stop(run, 60))
             # Its ServerApp exits once it notices (it watches its SuperExec, which
             # watches the SuperLink), unless its threads are still retrying pulls
