@@ -64,6 +64,10 @@ WAIT = 240.0
 # answers for a node that missed its heartbeats for 60 s (HEARTBEAT_PATIENCE x
 # 30 s) before this runs out.
 ROUND_TIMEOUT = 120.0
+# What a SuperNode logs (Flower's retry) when it fails to reach the SuperLink, and
+# when it reaches it again after failing.
+FAILED_ATTEMPT = "Connection attempt failed"
+RECONNECTED = "Connection successful after"
 
 
 @dataclass
@@ -382,16 +386,16 @@ def _reaping(spared: set[int]) -> Iterator[None]:
         thread.join()
 
 
-def _reconnections(dep: deployment.Deployment, i: int) -> int:
-    """How often SuperNode `i` has reconnected after losing the SuperLink."""
-    log = dep.log_tail(f"supernode-{i}", 100_000)
-    return log.count("Connection successful after")
+def _times_logged(dep: deployment.Deployment, i: int, text: str) -> int:
+    """How often SuperNode `i` has logged `text`."""
+    return dep.log_tail(f"supernode-{i}", 100_000).count(text)
 
 
-def _failed_attempts(dep: deployment.Deployment, i: int) -> int:
-    """How often SuperNode `i` has failed to reach the SuperLink (and will retry)."""
-    log = dep.log_tail(f"supernode-{i}", 100_000)
-    return log.count("Connection attempt failed")
+def _each_logged_again(
+    dep: deployment.Deployment, text: str, before: list[int]
+) -> bool:
+    """Whether every SuperNode `i` has logged `text` more than `before[i]` times."""
+    return all(_times_logged(dep, i, text) > n for i, n in enumerate(before))
 
 
 def _serverapps() -> list[int]:
@@ -464,8 +468,8 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             )
             note("node back in round", back)
             assert back < NUM_ROUNDS, "no round left to kill the SuperLink in"
-            reconnected = [_reconnections(dep, i) for i in range(NUM_NODES)]
-            failed = [_failed_attempts(dep, i) for i in range(NUM_NODES)]
+            reconnected = [_times_logged(dep, i, RECONNECTED) for i in range(NUM_NODES)]
+            failed = [_times_logged(dep, i, FAILED_ATTEMPT) for i in range(NUM_NODES)]
             # Mid-run: round back + 1 has started.
             os.kill(dep.processes["superlink"].pid, signal.SIGKILL)
             note("SuperLink killed in round", back + 1)
@@ -474,9 +478,7 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             # SuperNodes would have nothing to reconnect from.
             _wait(
                 "both SuperNodes to miss the SuperLink",
-                lambda: all(
-                    _failed_attempts(dep, i) > failed[i] for i in range(NUM_NODES)
-                ),
+                lambda: _each_logged_again(dep, FAILED_ATTEMPT, failed),
                 60,
             )
             note("SuperNodes missed the SuperLink")
@@ -498,9 +500,7 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             note("nodes after the restart", _online(hosts, dep))
             _wait(
                 "both SuperNodes reconnected",
-                lambda: all(
-                    _reconnections(dep, i) > reconnected[i] for i in range(NUM_NODES)
-                ),
+                lambda: _each_logged_again(dep, RECONNECTED, reconnected),
                 120,
             )
             note("SuperNodes reconnected")
