@@ -386,16 +386,18 @@ def _reaping(spared: set[int]) -> Iterator[None]:
         thread.join()
 
 
-def _times_logged(dep: deployment.Deployment, i: int, text: str) -> int:
-    """How often SuperNode `i` has logged `text`."""
-    return dep.log_tail(f"supernode-{i}", 100_000).count(text)
+def _times_logged(dep: deployment.Deployment, text: str) -> list[int]:
+    """How often each SuperNode has logged `text`, by its number."""
+    logs = (dep.log_tail(f"supernode-{i}", 100_000) for i in range(NUM_NODES))
+    return [log.count(text) for log in logs]
 
 
 def _each_logged_again(
     dep: deployment.Deployment, text: str, before: list[int]
 ) -> bool:
-    """Whether every SuperNode `i` has logged `text` more than `before[i]` times."""
-    return all(_times_logged(dep, i, text) > n for i, n in enumerate(before))
+    """Whether every SuperNode has logged `text` more often than in `before`."""
+    now = _times_logged(dep, text)
+    return all(n > b for n, b in zip(now, before, strict=True))
 
 
 def _serverapps() -> list[int]:
@@ -468,8 +470,8 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             )
             note("node back in round", back)
             assert back < NUM_ROUNDS, "no round left to kill the SuperLink in"
-            reconnected = [_times_logged(dep, i, RECONNECTED) for i in range(NUM_NODES)]
-            failed = [_times_logged(dep, i, FAILED_ATTEMPT) for i in range(NUM_NODES)]
+            reconnected = _times_logged(dep, RECONNECTED)
+            failed = _times_logged(dep, FAILED_ATTEMPT)
             # Mid-run: round back + 1 has started.
             os.kill(dep.processes["superlink"].pid, signal.SIGKILL)
             note("SuperLink killed in round", back + 1)
