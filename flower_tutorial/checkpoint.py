@@ -2,13 +2,15 @@
 
 A checkpoint holds the global model, the last round completed, the history so far
 and every state that the next rounds depend on: the server-side optimizer's
-moments, the adaptive clipping norm, the privacy accountant, the sampler's and the
-server's random generators. Resuming from it (`resume-from`) gives the same
+moments, the adaptive clipping norm, the privacy accountant and the server's noise
+secret, the sampler's and the server's random generators. It holds a secret, so
+only its owner may read it (mode 0600). Resuming from it (`resume-from`) gives the same
 model, to the byte, as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -39,14 +41,24 @@ class Checkpoint:
     sampler: Any  # the client manager's random.Random state
     numpy_rng: Any  # np.random's state: DP noise, SecAgg+'s rounding
     python_rng: Any  # random's state: SecAgg+'s shuffling
+    noise_secret: bytes | None = None  # central DP's noise (ServerNoise)
 
 
 def save(checkpoint: Checkpoint, run_dir: Path) -> None:
     """Write the checkpoint atomically: a crash leaves the previous one whole."""
     path = run_dir / CHECKPOINT
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(_to_tensors(vars(checkpoint)), tmp)
+    # Created private: no moment of the file's life lets others read the secret.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    with open(tmp, "xb", opener=_private) as f:
+        torch.save(_to_tensors(vars(checkpoint)), f)
     os.replace(tmp, path)
+
+
+def _private(path: str, flags: int) -> int:
+    """Open `path` as only its owner may read it (for `open`'s `opener`)."""
+    return os.open(path, flags, 0o600)
 
 
 def load(run_dir: Path) -> Checkpoint:

@@ -20,21 +20,42 @@ from flwr.common import (
     Scalar,
     parameters_to_ndarrays,
 )
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 # The metrics the app's clients report: (lowest, highest allowed, in words).
 Ranges = Mapping[str, tuple[float, float, str]]
 FIT_METRICS: Ranges = {"train_loss": (0.0, math.inf, "a finite number >= 0")}
 EVALUATE_METRICS: Ranges = {"accuracy": (0.0, 1.0, "a number in [0, 1]")}
+# How far beyond the clipping range SecAgg+'s quantization can move a mean.
+SECURE_SLACK = 1e-4
 
 
-def check_update(res: FitRes, reference: NDArrays) -> str | None:
+def check_update(
+    res: FitRes,
+    reference: NDArrays,
+    metrics: Ranges = FIT_METRICS,
+    norm_bit: bool = False,
+) -> str | None:
     """Return why an update cannot be averaged into `reference`'s model, or None."""
-    return check_fit_report(res) or check_arrays(res.parameters, reference)
+    return check_fit_report(res, metrics, norm_bit) or check_arrays(
+        res.parameters, reference
+    )
 
 
-def check_fit_report(res: FitRes) -> str | None:
-    """Return why a training result's count or metrics are unsound, or None."""
-    return _check_count(res.num_examples) or _check_metrics(res.metrics, FIT_METRICS)
+def check_fit_report(
+    res: FitRes, metrics: Ranges = FIT_METRICS, norm_bit: bool = False
+) -> str | None:
+    """Return why a training result's count or metrics are unsound, or None.
+
+    `metrics` are those the clients must report; with `norm_bit`, adaptive
+    clipping's norm bit must be there too, a boolean.
+    """
+    reason = _check_count(res.num_examples) or _check_metrics(res.metrics, metrics)
+    if reason is None and norm_bit:
+        value = res.metrics.get(KEY_NORM_BIT)
+        if not isinstance(value, bool):
+            reason = f"metric {KEY_NORM_BIT!r} = {value!r}, expected true or false"
+    return reason
 
 
 def check_arrays(parameters: Parameters, reference: NDArrays) -> str | None:
@@ -52,6 +73,29 @@ def check_arrays(parameters: Parameters, reference: NDArrays) -> str | None:
             return f"array {i} has dtype {array.dtype}, expected {expected.dtype}"
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             return f"array {i} holds NaN or infinite values"
+    return None
+
+
+def check_secure_aggregate(
+    parameters: Parameters, reference: NDArrays, limit: float
+) -> str | None:
+    """Return why SecAgg+'s aggregate cannot be a mean of what it sums, or None.
+
+    Every update it sums lies in [-limit, limit] (SecAgg+ clips to it, and the
+    app's clients refuse to submit beyond it), and so does their mean, up to
+    quantization. An aggregate outside came from a corrupted sum: a client that
+    submitted NaN, which SecAgg+ quantizes to -2**31, or masks that did not cancel.
+    """
+    unsound = check_arrays(parameters, reference)
+    if unsound:
+        return unsound
+    for i, array in enumerate(parameters_to_ndarrays(parameters)):
+        if array.size and np.abs(array).max() > limit * (1 + SECURE_SLACK):
+            return (
+                f"array {i} holds {float(np.abs(array).max()):g}, beyond "
+                f"secagg-clipping-range = {limit:g}: the sum includes an update that "
+                "SecAgg+ could not sum"
+            )
     return None
 
 

@@ -9,7 +9,7 @@ allowed, before any training starts.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,8 +216,8 @@ class PrivacySettings:
     """Secure aggregation (SecAgg+) and differential privacy (docs/privacy.md)."""
 
     secure_aggregation: bool
-    secagg_num_shares: int
-    secagg_reconstruction_threshold: int
+    secagg_num_shares: int | float
+    secagg_reconstruction_threshold: int | float
     secagg_clipping_range: float
     secagg_quantization_range: int
     dp: str
@@ -228,26 +228,22 @@ class PrivacySettings:
     dp_local_epsilon: float
     dp_delta: float
     dp_max_epsilon: float
+    dp_client_metrics: bool
 
     @property
     def central_dp(self) -> bool:
         """Whether the server adds the noise (to the mean of clipped updates)."""
         return self.dp.startswith("central")
 
+    @property
+    def client_metrics(self) -> bool:
+        """Whether clients send their metrics: without DP, or where the run opts in."""
+        return self.dp == "none" or self.dp_client_metrics
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> PrivacySettings:
         """Read and check the privacy keys of ``context.run_config``."""
-        # Flower's SecAggPlusWorkflow refuses other counts, but only once the
-        # run has started.
-        shares = _int(run_config, "secagg-num-shares", 3)
-        threshold = _int(run_config, "secagg-reconstruction-threshold", 2)
-        if threshold >= shares:
-            raise ValueError(
-                f"run config key 'secagg-reconstruction-threshold' = {threshold} is "
-                f"not allowed: expected an integer below secagg-num-shares = "
-                f"{shares} (a secret is split into that many shares; SecAgg+ "
-                "rebuilds it from fewer)."
-            )
+        shares, threshold = _secagg_shares(run_config)
         quantization = _int(run_config, "secagg-quantization-range", 2)
         if quantization >= SECAGG_MODULUS:
             raise ValueError(
@@ -266,11 +262,71 @@ class PrivacySettings:
             dp_target_clipped_quantile=_float(
                 run_config, "dp-target-clipped-quantile", **_BELOW_ONE
             ),
-            dp_clip_norm_lr=_float(run_config, "dp-clip-norm-lr"),
+            dp_clip_norm_lr=_float(run_config, "dp-clip-norm-lr", upper=1.0),
             dp_local_epsilon=_float(run_config, "dp-local-epsilon"),
             dp_delta=_float(run_config, "dp-delta", **_BELOW_ONE),
             dp_max_epsilon=_float(run_config, "dp-max-epsilon", finite=False),
+            dp_client_metrics=_bool(run_config, "dp-client-metrics"),
         )
+
+
+# A fraction of the share holders that rounds to more than half of them, however
+# many there are: round(2/3 * k) > k / 2 for every k >= 2.
+MIN_THRESHOLD_FRACTION = 2 / 3
+
+
+def _secagg_shares(run_config: _Keys) -> tuple[int | float, int | float]:
+    """Read SecAgg+'s number of shares and reconstruction threshold, as Flower does.
+
+    An integer is a count; a float a fraction: of the clients a round samples
+    (shares), of the shares (threshold). The threshold must be more than half of
+    the shares: below that, a server that tells different clients different
+    stories of who dropped out collects both secrets of one client.
+    """
+    shares = _count_or_fraction(
+        run_config, "secagg-num-shares", 3, ("(0, 1]", lambda v: 0 < v <= 1)
+    )
+    threshold = _count_or_fraction(
+        run_config,
+        "secagg-reconstruction-threshold",
+        2,
+        ("[2/3, 1]", lambda v: MIN_THRESHOLD_FRACTION <= v <= 1),
+    )
+    key = "run config key 'secagg-reconstruction-threshold'"
+    if isinstance(threshold, int) and isinstance(shares, float):
+        raise ValueError(
+            f"{key} = {threshold} is not allowed with secagg-num-shares = {shares} "
+            "(a fraction of the clients): expected a fraction in [2/3, 1] too, as "
+            "the number of shares is known only when a round samples its clients."
+        )
+    if isinstance(threshold, int) and not shares / 2 < threshold < shares:
+        raise ValueError(
+            f"{key} = {threshold} is not allowed: expected an integer above half of "
+            f"secagg-num-shares = {shares} and below it (a secret is split into "
+            "that many shares, and rebuilt from fewer; half or fewer would let a "
+            "server that lies about who dropped out rebuild both of a client's "
+            "secrets)."
+        )
+    return shares, threshold
+
+
+def _count_or_fraction(
+    config: _Keys,
+    key: str,
+    minimum: int,
+    fractions: tuple[str, Callable[[float], bool]],
+) -> int | float:
+    """Read an integer >= `minimum`, or a float that `fractions` allows (in words)."""
+    value = _get(config, key, _RUN_CONFIG)
+    allowed, is_allowed = fractions
+    if isinstance(value, float) and is_allowed(value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    raise ValueError(
+        f"run config key '{key}' = {value!r} is not allowed: expected an integer "
+        f">= {minimum}, or a fraction in {allowed}."
+    )
 
 
 def clipped_count_stddev(min_fit_clients: int) -> float:

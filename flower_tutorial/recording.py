@@ -39,6 +39,7 @@ TENSORBOARD_TAGS = {
     "centralized_accuracy": "accuracy/centralized",
     "seconds": "time/round seconds",
     "epsilon": "privacy/epsilon",
+    "clipping_norm": "privacy/clipping norm",
 }
 AXIS_LABELS = {
     "accuracy": "accuracy",

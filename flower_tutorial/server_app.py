@@ -34,9 +34,15 @@ from flower_tutorial.config import (
     RunSettings,
     StrategySettings,
 )
+from flower_tutorial.differential_privacy import (
+    LocalRelease,
+    PrivacyLedger,
+    ServerNoise,
+    with_central_dp,
+)
 from flower_tutorial.outputs import load_checkpoint, make_run_dir
-from flower_tutorial.privacy import PrivacyLedger, secure_fit_workflow, with_central_dp
 from flower_tutorial.recording import RunRecorder
+from flower_tutorial.secure_aggregation import secure_fit_workflow
 from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import (
     Net,
@@ -162,8 +168,14 @@ def server_fn(context: Context) -> ServerAppComponents:
         evaluate_metrics_aggregation_fn=weighted_average,
     )
     privacy = settings.privacy
+    noise, ledger = None, None
     if privacy.central_dp:
-        inner = with_central_dp(inner, privacy, settings.min_fit_clients)
+        # The server's secret, which no other party holds (docs/threat-model.md).
+        noise = ServerNoise(saved.noise_secret if saved else None)
+        inner = with_central_dp(inner, privacy, settings.min_fit_clients, noise)
+        ledger = PrivacyLedger(privacy, release=inner)
+    elif privacy.dp == "local":
+        ledger = PrivacyLedger(privacy, release=LocalRelease(privacy))
     # Which clients are sampled is seeded too (see SeededClientManager).
     client_manager = SeededClientManager(settings.node_wait_timeout, settings.seed)
     recorder = RunRecorder(
@@ -184,9 +196,9 @@ def server_fn(context: Context) -> ServerAppComponents:
         aggregation=settings.aggregation,
         trim_fraction=settings.trim_fraction,
         krum_byzantine=settings.krum_byzantine,
-        privacy=None if privacy.dp == "none" else PrivacyLedger(privacy),
-        central_dp=privacy.central_dp,
-        secure_aggregation=privacy.secure_aggregation,
+        privacy=privacy,
+        ledger=ledger,
+        noise=noise,
     )
     if saved:
         strategy.resume(saved)

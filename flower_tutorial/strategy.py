@@ -30,17 +30,20 @@ from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from flower_tutorial import checkpoint
 from flower_tutorial.aggregation import ROBUST_RULES, robust_combination
 from flower_tutorial.checks import (
-    check_arrays,
+    FIT_METRICS,
     check_evaluation,
     check_fit_report,
+    check_secure_aggregate,
     check_update,
 )
 from flower_tutorial.client_manager import SeededClientManager
-from flower_tutorial.privacy import PrivacyLedger
+from flower_tutorial.config import PrivacySettings
+from flower_tutorial.differential_privacy import PrivacyLedger, ServerNoise
 from flower_tutorial.recording import RunRecorder
 
 Res = TypeVar("Res", FitRes, EvaluateRes)
@@ -60,7 +63,9 @@ class CheckedStrategy(Strategy):
     robust `aggregation` rule, every sound update is replaced by their robust
     combination before the wrapped strategy averages them, so the rule composes
     with server-side optimizers (FedAdam, ...) and client metrics still average.
-    Every round is recorded through `recorder`.
+    Every round is recorded through `recorder`. `privacy` says which of the
+    app's privacy rules apply (docs/threat-model.md); `ledger` counts epsilon and
+    `noise` holds the server's noise secret, which checkpoints keep.
     """
 
     def __init__(
@@ -72,9 +77,9 @@ class CheckedStrategy(Strategy):
         aggregation: str = "fedavg",
         trim_fraction: float = 0.2,
         krum_byzantine: int = 1,
-        privacy: PrivacyLedger | None = None,
-        central_dp: bool = False,
-        secure_aggregation: bool = False,
+        privacy: PrivacySettings | None = None,
+        ledger: PrivacyLedger | None = None,
+        noise: ServerNoise | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -84,21 +89,46 @@ class CheckedStrategy(Strategy):
         self.trim_fraction = trim_fraction
         self.krum_byzantine = krum_byzantine
         self.privacy = privacy
-        self.central_dp = central_dp
-        self.secure_aggregation = secure_aggregation
-        if secure_aggregation:
-            log(
-                INFO,
-                "Secure aggregation: the server sees only the example-weighted mean "
-                "of the updates, so the per-update checks apply to that aggregate; "
-                "counts and metrics are still checked per client.",
-            )
+        self.ledger = ledger
+        self.noise = noise
+        self.central_dp = bool(privacy and privacy.central_dp)
+        self.secure_aggregation = bool(privacy and privacy.secure_aggregation)
+        # What the clients send besides their updates, and what may be recorded.
+        self.client_metrics = privacy is None or privacy.client_metrics
+        self._fit_metrics = FIT_METRICS if self.client_metrics else {}
+        self._norm_bit = bool(privacy and privacy.dp == "central-adaptive")
+        self._log_privacy()
         self.first_round = 0  # the initial model's evaluation; later when resuming
         self.last_round = recorder.num_rounds  # earlier, if the privacy budget ends
         self._sent: NDArrays = []  # the global model sent out for training
         self._asked = 0  # clients asked to train this round
         self._fit_ended = True  # whether this round's training reached aggregate_fit
         self._global: Parameters | None = None  # the model after this round
+
+    def _log_privacy(self) -> None:
+        """Say what the run's privacy settings change in what is checked and kept."""
+        if self.secure_aggregation:
+            log(
+                INFO,
+                "Secure aggregation: the server sees only the example-weighted mean "
+                "of the updates, so the per-update checks apply to that aggregate; "
+                "counts and metrics are still checked per client.",
+            )
+        if self.privacy and self.privacy.dp != "none":
+            if self.client_metrics:
+                log(
+                    WARNING,
+                    "dp-client-metrics = true: the clients' metrics (training loss, "
+                    "validation loss and accuracy) leave them without noise, and "
+                    "epsilon does not cover them.",
+                )
+            else:
+                log(
+                    INFO,
+                    "Differential privacy: clients send no metrics and count as one "
+                    "example each; no federated evaluation, and no per-organization "
+                    "value in history.json.",
+                )
 
     def __repr__(self) -> str:
         """Name the wrapped strategy too."""
@@ -127,7 +157,7 @@ class CheckedStrategy(Strategy):
         """
         if self._done(server_round):
             return []
-        if self.privacy and self.privacy.would_exceed():
+        if self.ledger and self.ledger.would_exceed():
             self._stop_at_the_budget(server_round, parameters)
             return []
         self.recorder.start_round(server_round)
@@ -137,6 +167,10 @@ class CheckedStrategy(Strategy):
         )
         self._asked = len(instructions)
         self._fit_ended = not instructions  # no one asked: Flower skips aggregate_fit
+        if instructions and KEY_CLIPPING_NORM in instructions[0][1].config:
+            # Public: the DP wrapper sends it to every client it asks.
+            norm = instructions[0][1].config[KEY_CLIPPING_NORM]
+            self.recorder.record(server_round, clipping_norm=norm)
         self.recorder.record_federation(
             self.client_manager.num_partitions,
             list(self.client_manager.unidentified.values()),
@@ -151,10 +185,10 @@ class CheckedStrategy(Strategy):
             "Round %s would take epsilon past dp-max-epsilon = %s (at delta = %s); "
             "the run ends after round %s, epsilon = %.3f.",
             server_round,
-            self.privacy.max_epsilon,
-            self.privacy.delta,
+            self.ledger.max_epsilon,
+            self.ledger.delta,
             self.last_round,
-            self.privacy.epsilon,
+            self.ledger.epsilon,
         )
         self.recorder.stop_early(
             self.last_round, parameters, "the next would pass dp-max-epsilon"
@@ -168,26 +202,23 @@ class CheckedStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Combine the sound updates; record the others with their reasons."""
         self._fit_ended = True
-        if self.secure_aggregation:  # every result carries the same aggregate
-            check = check_fit_report
-        else:
-            check = lambda res: check_update(res, self._sent)  # noqa: E731
-        good, reasons = self._sort_out("fit", server_round, results, failures, check)
+        good, refused = self._sort_out("fit", server_round, results, self._check_fit)
+        reasons = _failed("fit", server_round, failures) + refused
         reasons += _missing(self._asked, results, failures)
-        named = list(zip(self._organizations(good), good, strict=True))
-        self.recorder.record(
-            server_round,
-            fit_clients=len(good),
-            fit_examples={name: res.num_examples for name, (_, res) in named},
-            fit_train_loss={
-                name: res.metrics["train_loss"] for name, (_, res) in named
-            },
-            fit_failures=reasons,
-        )
+        self.recorder.record(server_round, fit_clients=len(good), fit_failures=reasons)
+        if self.client_metrics:
+            named = list(zip(self._organizations(good), good, strict=True))
+            self.recorder.record(
+                server_round,
+                fit_examples={name: res.num_examples for name, (_, res) in named},
+                fit_train_loss={
+                    name: res.metrics["train_loss"] for name, (_, res) in named
+                },
+            )
         self._end_if_none_left("fit", server_round, good, reasons)
         if self.secure_aggregation:
             good = self._with_the_aggregate_as_sent(good)
-        voided = self._why_void(good, reasons)
+        voided = self._why_void(good, reasons, refused)
         if voided:
             log(
                 WARNING,
@@ -203,9 +234,19 @@ class CheckedStrategy(Strategy):
         if parameters is not None:
             parameters = self._as_sent(parameters)
         self.recorder.record(server_round, train_loss=metrics.get("train_loss"))
-        if self.privacy and parameters is not None:
-            self.recorder.record(server_round, epsilon=self.privacy.spend())
+        if self.ledger and parameters is not None:
+            self.recorder.record(server_round, epsilon=self.ledger.spend())
         return parameters, metrics
+
+    def _check_fit(self, res: FitRes) -> str | None:
+        """Return why a training result is left out, or None.
+
+        Under secure aggregation every result carries the same aggregate: only
+        its count and metrics are the client's own.
+        """
+        if self.secure_aggregation:
+            return check_fit_report(res, self._fit_metrics, self._norm_bit)
+        return check_update(res, self._sent, self._fit_metrics, self._norm_bit)
 
     def _with_the_aggregate_as_sent(
         self, good: list[tuple[ClientProxy, FitRes]]
@@ -221,16 +262,26 @@ class CheckedStrategy(Strategy):
             aggregate = self._as_sent(aggregate)
         return [(proxy, replace(res, parameters=aggregate)) for proxy, res in good]
 
-    def _why_void(self, good: list, reasons: list[str]) -> str | None:
+    def _why_void(
+        self, good: list, reasons: list[str], refused: list[str]
+    ) -> str | None:
         """Return why this round must change nothing, or None."""
         if self.central_dp and reasons:
             # The noise is calibrated to a mean over every client asked; a mean
             # over fewer would reveal more than the noise hides.
             return "central DP needs every client asked, and some were left out"
-        if self.secure_aggregation:
-            unsound = check_arrays(good[0][1].parameters, self._sent)
-            return unsound and f"the secure aggregate is unsound: {unsound}"
-        return None
+        if not self.secure_aggregation:
+            return None
+        if refused:
+            # SecAgg+ summed every masked update before any report was checked.
+            return (
+                f"the secure sum includes {len(refused)} update(s) whose report was "
+                f"refused (the first: {refused[0]})"
+            )
+        unsound = check_secure_aggregate(
+            good[0][1].parameters, self._sent, self.privacy.secagg_clipping_range
+        )
+        return unsound and f"the secure aggregate is unsound: {unsound}"
 
     def _prepared(self, good: list[tuple[ClientProxy, FitRes]]) -> list:
         """Return the sound results as the wrapped strategy is to average them."""
@@ -238,6 +289,11 @@ class CheckedStrategy(Strategy):
             # Each clipped update weighs the same: a count of examples would
             # scale it past the clipping norm that the noise is made for.
             good = [(proxy, replace(res, num_examples=1)) for proxy, res in good]
+        if not self.client_metrics:
+            # A client that sends metrics anyway: they would reach history.json.
+            good = [
+                (proxy, replace(res, metrics=_dp_covered(res))) for proxy, res in good
+            ]
         if self.aggregation in ROBUST_RULES:
             combined = ndarrays_to_parameters(
                 robust_combination(
@@ -293,9 +349,11 @@ class CheckedStrategy(Strategy):
         if self._done(server_round):
             return []
         self._global = parameters
-        instructions = self.strategy.configure_evaluate(
-            server_round, parameters, client_manager
-        )
+        instructions = []
+        if self.client_metrics:  # under DP an evaluation leaves a client un-noised
+            instructions = self.strategy.configure_evaluate(
+                server_round, parameters, client_manager
+            )
         if not instructions:  # Flower's loops then skip aggregate_evaluate
             self.recorder.end_round(server_round, parameters, self._resume_state())
         return instructions
@@ -307,9 +365,10 @@ class CheckedStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Average the sound losses and metrics, record the others; end the round."""
-        good, reasons = self._sort_out(
-            "evaluate", server_round, results, failures, check_evaluation
+        good, refused = self._sort_out(
+            "evaluate", server_round, results, check_evaluation
         )
+        reasons = _failed("evaluate", server_round, failures) + refused
         self.recorder.record(
             server_round, evaluate_clients=len(good), evaluate_failures=reasons
         )
@@ -328,10 +387,11 @@ class CheckedStrategy(Strategy):
         numpy_rng, python_rng = checkpoint.random_states()
         return {
             "strategy": checkpoint.strategy_state(self.strategy),
-            "privacy": self.privacy.state_dict() if self.privacy else None,
+            "privacy": self.ledger.state_dict() if self.ledger else None,
             "sampler": self.client_manager.sampler_state(),
             "numpy_rng": numpy_rng,
             "python_rng": python_rng,
+            "noise_secret": self.noise.secret if self.noise else None,
         }
 
     def resume(self, saved: checkpoint.Checkpoint) -> None:
@@ -339,8 +399,8 @@ class CheckedStrategy(Strategy):
         self.first_round = saved.server_round + 1
         self.recorder.restore(saved.history, saved.server_round)
         checkpoint.restore_strategy_state(self.strategy, saved.strategy)
-        if self.privacy:
-            self.privacy.load_state_dict(saved.privacy)
+        if self.ledger:
+            self.ledger.load_state_dict(saved.privacy)
         self.client_manager.restore_sampler(saved.sampler)
         checkpoint.restore_random_states(saved.numpy_rng, saved.python_rng)
 
@@ -349,7 +409,6 @@ class CheckedStrategy(Strategy):
         stage: str,
         server_round: int,
         results: list[tuple[ClientProxy, Res]],
-        failures: list[Failure],
         check: Callable[[Res], str | None],
     ) -> tuple[list[tuple[ClientProxy, Res]], list[str]]:
         """Split results into sound ones, in partition order, and reasons for the rest.
@@ -357,22 +416,15 @@ class CheckedStrategy(Strategy):
         Results arrive in completion order; summing in a fixed order keeps the
         average bit-identical between runs.
         """
-        good, reasons = [], [_describe(f) for f in failures]
+        good, refused = [], []
         for proxy, res in sorted(results, key=lambda r: self._order(r[0])):
             reason = check(res)
             if reason is None:
                 good.append((proxy, res))
             else:
-                reasons.append(f"partition {self._name(proxy)}: {reason}")
-        for reason in reasons:
-            log(
-                WARNING,
-                "Round %s (%s): a client was left out: %s",
-                server_round,
-                stage,
-                reason,
-            )
-        return good, reasons
+                refused.append(f"partition {self._name(proxy)}: {reason}")
+                _log_left_out(stage, server_round, refused[-1])
+        return good, refused
 
     def _end_if_none_left(
         self, stage: str, server_round: int, good: list, reasons: list[str]
@@ -424,6 +476,25 @@ def _missing(asked: int, results: list, failures: list) -> list[str]:
     """
     missing = asked - len(results) - len(failures)
     return ["no reply within round-timeout"] * max(missing, 0)
+
+
+def _failed(stage: str, server_round: int, failures: list[Failure]) -> list[str]:
+    """Return (and log) the reason of each client that failed."""
+    reasons = [_describe(f) for f in failures]
+    for reason in reasons:
+        _log_left_out(stage, server_round, reason)
+    return reasons
+
+
+def _log_left_out(stage: str, server_round: int, reason: str) -> None:
+    log(
+        WARNING, "Round %s (%s): a client was left out: %s", server_round, stage, reason
+    )
+
+
+def _dp_covered(res: FitRes) -> dict[str, Scalar]:
+    """Return the metrics of `res` that DP's analysis covers: the norm bit alone."""
+    return {k: v for k, v in res.metrics.items() if k == KEY_NORM_BIT}
 
 
 def _describe(failure: Failure) -> str:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from datasets import ClassLabel, Dataset, Features, Image  # noqa: E402
 from flwr.common import Context, RecordDict  # noqa: E402
 from flwr.common.config import get_project_config  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from flower_tutorial.config import DataSettings  # noqa: E402
@@ -220,6 +221,13 @@ def caller_sigint() -> Iterator[list[int]]:
         yield calls
     finally:
         signal.signal(signal.SIGINT, original)
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Who this process is, as Flower's runtime tells a ClientApp process."""
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 @pytest.fixture

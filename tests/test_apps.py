@@ -23,7 +23,11 @@ from flower_tutorial.config import (
     PrivacySettings,
     RunSettings,
 )
-from flower_tutorial.privacy import AdaptiveClipping, FixedClipping, PrivacyLedger
+from flower_tutorial.differential_privacy import (
+    AdaptiveClipping,
+    FixedClipping,
+    PrivacyLedger,
+)
 from flower_tutorial.server_app import (
     centralized_evaluation,
     run_rounds,
@@ -488,13 +492,19 @@ def test_server_fn_counts_the_privacy_spent_under_dp_only(run_config, dp):
     checked = server_fn(make_context(run_config)).strategy
     assert checked.central_dp is dp.startswith("central")
     if dp == "none":
-        assert checked.privacy is None
+        assert checked.ledger is None
         return
-    assert isinstance(checked.privacy, PrivacyLedger)
-    assert (checked.privacy.delta, checked.privacy.max_epsilon) == (1e-4, 8.0)
-    # Local DP: LocalDpMod's noise, sqrt(2 ln(1.25 / delta)) / epsilon.
-    expected = 0.4 if dp != "local" else math.sqrt(2 * math.log(1.25e4)) / 5.0
-    assert checked.privacy.noise_multiplier == expected
+    assert isinstance(checked.ledger, PrivacyLedger)
+    assert (checked.ledger.delta, checked.ledger.max_epsilon) == (1e-4, 8.0)
+    planned = checked.ledger.release.planned_release()
+    if dp == "local":
+        # The Gaussian mechanism's multiplier for epsilon and delta.
+        assert planned == [math.sqrt(2 * math.log(1.25e4)) / 5.0]
+    else:
+        # Adaptive clipping splits z between the update and the count: the two
+        # compose to z (RDP adds 1 / z**2).
+        assert sum(z**-2 for z in planned) == pytest.approx(0.4**-2)
+        assert len(planned) == (2 if dp == "central-adaptive" else 1)
 
 
 @pytest.mark.parametrize("secure", [False, True])

@@ -46,10 +46,6 @@ def test_fraction_evaluate_zero_turns_federated_evaluation_off():
     assert RunSettings.from_run_config(config).fraction_evaluate == 0.0
 
 
-# With the default secagg-num-shares = 3.
-BELOW_THE_SHARES = "an integer below secagg-num-shares = 3"
-
-
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
@@ -102,11 +98,13 @@ BELOW_THE_SHARES = "an integer below secagg-num-shares = 3"
         ("beta-2", -0.1, r"a number in \[0, 1.0\)"),
         ("tau", 0.0, "a number > 0"),
         ("secure-aggregation", "on", "true or false"),
-        ("secagg-num-shares", 1, "an integer >= 3"),
-        ("secagg-num-shares", 2, "an integer >= 3"),
-        ("secagg-reconstruction-threshold", 1, "an integer >= 2"),
-        ("secagg-reconstruction-threshold", 3, BELOW_THE_SHARES),
-        ("secagg-reconstruction-threshold", 4, BELOW_THE_SHARES),
+        ("secagg-num-shares", 1, r"an integer >= 3, or a fraction in \(0, 1\]"),
+        ("secagg-num-shares", 2, r"an integer >= 3, or a fraction in \(0, 1\]"),
+        (
+            "secagg-reconstruction-threshold",
+            0.5,
+            r"an integer >= 2, or a fraction in \[2/3, 1\]",
+        ),
         ("secagg-clipping-range", 0.0, "a number > 0"),
         ("secagg-quantization-range", 1, "an integer >= 2"),
         ("secagg-quantization-range", 2**32, "an integer below 2\\*\\*32"),
@@ -114,7 +112,8 @@ BELOW_THE_SHARES = "an integer below secagg-num-shares = 3"
         ("dp-noise-multiplier", 0.0, "a number > 0"),
         ("dp-clipping-norm", -1.0, "a number > 0"),
         ("dp-target-clipped-quantile", 1.0, r"a number in \(0, 1.0\)"),
-        ("dp-clip-norm-lr", 0, "a number > 0"),
+        ("dp-clip-norm-lr", 0, r"a number in \(0, 1.0\]"),
+        ("dp-clip-norm-lr", 1.5, r"a number in \(0, 1.0\]"),
         ("dp-local-epsilon", float("inf"), "a number > 0"),
         ("dp-delta", 1.0, r"a number in \(0, 1.0\)"),
         ("dp-max-epsilon", 0.0, "a number > 0, or inf"),
@@ -252,6 +251,7 @@ FIELDS = {
     "dp-local-epsilon": "privacy.dp_local_epsilon",
     "dp-delta": "privacy.dp_delta",
     "dp-max-epsilon": "privacy.dp_max_epsilon",
+    "dp-client-metrics": "privacy.dp_client_metrics",
 }
 # Keys whose non-default values need another key set too.
 NEEDS = {"secagg-reconstruction-threshold": {"secagg-num-shares": 5}}
@@ -316,6 +316,7 @@ def test_the_fields_cover_every_run_config_key():
         ("dp-local-epsilon", 3.0),
         ("dp-delta", 1e-6),
         ("dp-max-epsilon", 8.0),
+        ("dp-client-metrics", True),
     ],
 )
 def test_each_key_reaches_its_setting(key, value):
@@ -341,8 +342,8 @@ def test_the_defaults_of_the_other_settings():
     )
     assert settings.privacy == PrivacySettings(
         secure_aggregation=False,
-        secagg_num_shares=3,
-        secagg_reconstruction_threshold=2,
+        secagg_num_shares=1.0,
+        secagg_reconstruction_threshold=0.7,
         secagg_clipping_range=8.0,
         secagg_quantization_range=4194304,
         dp="none",
@@ -353,8 +354,10 @@ def test_the_defaults_of_the_other_settings():
         dp_local_epsilon=10.0,
         dp_delta=1e-5,
         dp_max_epsilon=math.inf,
+        dp_client_metrics=False,
     )
     assert settings.privacy.central_dp is False
+    assert settings.privacy.client_metrics is True
 
 
 @pytest.mark.parametrize(
@@ -383,7 +386,6 @@ POSITIVE_FLOATS = (
     "secagg-clipping-range",
     "dp-noise-multiplier",
     "dp-clipping-norm",
-    "dp-clip-norm-lr",
     "dp-local-epsilon",
 )
 # Integer keys and the smallest value each allows.
@@ -397,8 +399,6 @@ MINIMUM = {
     "shards-per-partition": 1,
     "seed": 0,
     "krum-byzantine": 0,
-    "secagg-num-shares": 3,
-    "secagg-reconstruction-threshold": 2,
     "secagg-quantization-range": 2,
 }
 # (key, an allowed value at the edge of the range) for the keys with an upper bound.
@@ -412,9 +412,10 @@ HIGHEST = [
     ("beta-2", BELOW_ONE),
     ("dp-target-clipped-quantile", BELOW_ONE),
     ("dp-delta", BELOW_ONE),
+    ("dp-clip-norm-lr", 1.0),
+    ("dp-clip-norm-lr", 1),
     ("secagg-quantization-range", 2**32 - 1),
     ("dp-max-epsilon", INF),
-    ("secagg-num-shares", 2**40),
     ("num-server-rounds", 10**9),
 ]
 LOWEST = [
@@ -429,6 +430,7 @@ LOWEST = [
     ("dp-target-clipped-quantile", TINY),
     ("dp-delta", TINY),
     ("dp-max-epsilon", TINY),
+    ("dp-clip-norm-lr", TINY),
 ]
 
 
@@ -484,6 +486,9 @@ def in_range(key: str, low: str, high: str, values) -> list:
         "fraction-evaluate", "[0, ", "1.0]", [-TINY, -1, ABOVE_ONE, INF, NAN, False]
     )
     + in_range("trim-fraction", "(0, ", "0.49]", [0.0, math.nextafter(0.49, 1), NAN])
+    + in_range(
+        "dp-clip-norm-lr", "(0, ", "1.0]", [0, 0.0, -TINY, ABOVE_ONE, INF, NAN, True]
+    )
     + [
         row
         for key in ("server-momentum", "beta-1", "beta-2")
@@ -513,6 +518,7 @@ def in_range(key: str, low: str, high: str, values) -> list:
             "centralized-evaluation",
             "save-best-model",
             "secure-aggregation",
+            "dp-client-metrics",
         )
         for v in (1, 0, "true", "false", None)
     ]
@@ -816,33 +822,83 @@ def test_a_data_folder_under_home_is_found(tmp_path, monkeypatch):
     assert node == NodeSettings(0, 2, "~/cifar")
 
 
-@pytest.mark.parametrize(
-    ("shares", "threshold"), [(3, 3), (3, 4), (5, 5), (5, 6), (10, 100)]
-)
-def test_a_threshold_of_all_the_shares_or_more_is_refused(shares, threshold):
-    config = default_run_config() | {
+SHARES = r"an integer >= 3, or a fraction in (0, 1]"
+THRESHOLD = r"an integer >= 2, or a fraction in [2/3, 1]"
+
+
+def _secagg(shares: object, threshold: object) -> dict:
+    return default_run_config() | {
         "secagg-num-shares": shares,
         "secagg-reconstruction-threshold": threshold,
     }
+
+
+@pytest.mark.parametrize(
+    ("shares", "threshold"),
+    [
+        (3, 2),
+        (5, 3),
+        (5, 4),
+        (10, 6),
+        (10, 9),
+        (2**40, 2**39 + 1),
+        (3, 0.7),
+        (2**40, 2 / 3),
+        (TINY, 2 / 3),
+        (0.5, 1.0),
+        (1.0, 0.7),
+        (1.0, 1.0),
+    ],
+)
+def test_secagg_shares_and_thresholds_that_hold_are_allowed(shares, threshold):
+    privacy = RunSettings.from_run_config(_secagg(shares, threshold)).privacy
+    got = (privacy.secagg_num_shares, privacy.secagg_reconstruction_threshold)
+    assert got == (shares, threshold)
+    assert [type(v) for v in got] == [type(shares), type(threshold)]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("secagg-num-shares", v, SHARES)
+        for v in (2, 1, 0, -3, 0.0, -TINY, ABOVE_ONE, 3.0, INF, NAN, True, "3", None)
+    ]
+    + [
+        ("secagg-reconstruction-threshold", v, THRESHOLD)
+        for v in (1, 0, math.nextafter(2 / 3, 0), 0.5, ABOVE_ONE, 2.0, NAN, True, None)
+    ],
+)
+def test_secagg_values_outside_their_ranges_are_refused(key, value, allowed):
     with pytest.raises(ValueError) as err:
-        RunSettings.from_run_config(config)
+        RunSettings.from_run_config(default_run_config() | {key: value})
+    assert str(err.value) == refused(key, value, allowed)
+
+
+@pytest.mark.parametrize(
+    ("shares", "threshold"), [(3, 3), (3, 4), (4, 2), (5, 2), (10, 5), (10, 100)]
+)
+def test_a_threshold_of_half_the_shares_or_fewer_or_all_is_refused(shares, threshold):
+    # Half or fewer: a server that tells half the holders a client is active
+    # and the others that it dropped out collects both its secrets.
+    with pytest.raises(ValueError) as err:
+        RunSettings.from_run_config(_secagg(shares, threshold))
     assert str(err.value) == (
         f"run config key 'secagg-reconstruction-threshold' = {threshold} is not "
-        f"allowed: expected an integer below secagg-num-shares = {shares} (a secret "
-        "is split into that many shares; SecAgg+ rebuilds it from fewer)."
+        f"allowed: expected an integer above half of secagg-num-shares = {shares} "
+        "and below it (a secret is split into that many shares, and rebuilt from "
+        "fewer; half or fewer would let a server that lies about who dropped out "
+        "rebuild both of a client's secrets)."
     )
 
 
-@pytest.mark.parametrize(("shares", "threshold"), [(3, 2), (5, 4), (5, 2), (10, 9)])
-def test_a_threshold_below_the_shares_is_allowed(shares, threshold):
-    config = default_run_config() | {
-        "secagg-num-shares": shares,
-        "secagg-reconstruction-threshold": threshold,
-    }
-    privacy = RunSettings.from_run_config(config).privacy
-    assert (privacy.secagg_num_shares, privacy.secagg_reconstruction_threshold) == (
-        shares,
-        threshold,
+def test_a_threshold_count_needs_a_count_of_shares():
+    with pytest.raises(ValueError) as err:
+        RunSettings.from_run_config(_secagg(0.5, 3))
+    assert str(err.value) == (
+        "run config key 'secagg-reconstruction-threshold' = 3 is not allowed with "
+        "secagg-num-shares = 0.5 (a fraction of the clients): expected a fraction "
+        "in [2/3, 1] too, as the number of shares is known only when a round "
+        "samples its clients."
     )
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import (
     APP_DIR,
     default_run_config,
     first_round_updates,
+    history_of,
     in_process,
     make_context,
 )
@@ -21,6 +23,7 @@ from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
     Context,
+    EvaluateIns,
     FitIns,
     FitRes,
     GetPropertiesRes,
@@ -30,25 +33,31 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.strategy import FedAvg
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    KEY_NORM_BIT,
+    compute_adaptive_clip_model_update,
+)
 
 from flower_tutorial.client_app import app as client_app
 from flower_tutorial.client_manager import SeededClientManager
-from flower_tutorial.config import PrivacySettings, RunSettings
-from flower_tutorial.privacy import (
+from flower_tutorial.config import RunSettings
+from flower_tutorial.differential_privacy import (
     FixedClipping,
+    LocalRelease,
     PrivacyLedger,
-    noise_multiplier,
-    privacy_mod,
-    secure_fit_workflow,
+    ServerNoise,
+    local_noise_multiplier,
     with_central_dp,
 )
+from flower_tutorial.privacy import privacy_mod
 from flower_tutorial.recording import RunRecorder
+from flower_tutorial.secure_aggregation import secure_fit_workflow
 from flower_tutorial.strategy import CheckedStrategy
 from flower_tutorial.task import Net, get_parameters
 
 OK = Status(Code.OK, "")
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _fit_message(parameters: list[np.ndarray], config: dict) -> Message:
@@ -56,13 +65,6 @@ def _fit_message(parameters: list[np.ndarray], config: dict) -> Message:
         FitIns(ndarrays_to_parameters(parameters), config), keep_input=True
     )
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch) -> None:
-    """Who this process is, as Flower's runtime tells a ClientApp process."""
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 def _client_update(run_config: dict, clipping_norm: float | None) -> float:
@@ -107,16 +109,17 @@ def _trains_on_100(msg: Message, context: Context) -> Message:
     [
         (True, "central-fixed", 1),
         (True, "central-adaptive", 1),
-        (True, "local", 100),  # each update noised on its own: FedAvg's weights
+        (True, "local", 1),  # a count says how large an organization is
         (True, "none", 100),
-        (False, "central-fixed", 100),  # the server weighs each update once
+        (False, "central-fixed", 1),  # without SecAgg+ too
     ],
 )
 def test_secaggplus_weighs_every_clipped_update_once(
     monkeypatch, secure_aggregation, dp, weight
 ):
     # SecAgg+ scales each update by its count of examples on the client; under
-    # central DP the noise is made for a mean of clipped updates of equal weight.
+    # central DP the noise is made for a mean of clipped updates of equal weight,
+    # and under any DP the count would leave the client without noise.
     seen = []
 
     def secaggplus_mod(msg: Message, context: Context, call_next) -> Message:
@@ -195,10 +198,12 @@ def test_secaggplus_key_exchange_loads_pytorch_only_when_the_model_is_needed(
     ]
 
 
-@pytest.mark.parametrize(("dp", "max_weight"), [("none", 240), ("central-fixed", 1)])
+@pytest.mark.parametrize(
+    ("dp", "max_weight"), [("none", 240), ("central-fixed", 1), ("local", 1)]
+)
 def test_secaggplus_scales_no_update_past_its_own(cifar_dir, dp, max_weight):
     # The train split's size (240 synthetic images) bounds a partition's count;
-    # under central DP each client counts as one, kept unscaled.
+    # under DP each client counts as one, kept unscaled.
     settings = RunSettings.from_run_config(
         default_run_config()
         | {"dataset": str(cifar_dir), "secure-aggregation": True, "dp": dp}
@@ -216,105 +221,310 @@ class _Proxy:
         return GetPropertiesRes(OK, {"partition-id": self.pid, "num-partitions": 10})
 
 
-def _checked(tmp_path, inner, num_nodes: int, **kwargs) -> CheckedStrategy:
+def _privacy(**overrides) -> RunSettings:
+    return RunSettings.from_run_config(default_run_config() | overrides)
+
+
+def _checked(
+    tmp_path, inner, num_nodes: int, num_rounds: int = 3, **kwargs
+) -> CheckedStrategy:
     settings = RunSettings.from_run_config(default_run_config())
     manager = SeededClientManager(timeout=5.0, seed=0)
     for pid in range(num_nodes):
         manager.register(_Proxy(pid))
-    recorder = RunRecorder(tmp_path, {}, settings.data, 3, False)
+    recorder = RunRecorder(tmp_path, {}, settings.data, num_rounds, False)
     return CheckedStrategy(inner, client_manager=manager, recorder=recorder, **kwargs)
 
 
-def _updates(strategy: CheckedStrategy, models: list[list[np.ndarray]]) -> list:
-    """(proxy, FitRes) of node i for models[i]."""
+def _updates(
+    strategy: CheckedStrategy, models: list[list[np.ndarray]], metrics: dict
+) -> list:
+    """(proxy, FitRes) of node i for models[i], each reporting `metrics`."""
     proxies = strategy.client_manager.all()
-    metrics = {"train_loss": 1.0}
     return [
-        (proxies[f"node-{i}"], FitRes(OK, ndarrays_to_parameters(m), 7, metrics))
+        (proxies[f"node-{i}"], FitRes(OK, ndarrays_to_parameters(m), 1, dict(metrics)))
         for i, m in enumerate(models)
     ]
 
 
-def test_central_noise_has_the_advertised_deviation(tmp_path):
-    # Updates of zero: what comes back is the noise alone, N(0, z * C / m) per
-    # coordinate, m the clients of the round. 60,000 draws fix its deviation to
-    # within 1 % (standard error 0.3 %).
-    z, clip, m, size = 0.7, 2.0, 4, 20_000
-    np.random.seed(0)
-    dp = FixedClipping(FedAvg(), z, clip, 1)
-    strategy = _checked(tmp_path, dp, m, central_dp=True)
+def _central(tmp_path, dp: str, m: int, **overrides) -> CheckedStrategy:
+    """The app's checks around its central-DP wrapper, for m clients a round."""
+    settings = _privacy(dp=dp, **{"min-fit-clients": m, **overrides})
+    noise = ServerNoise()
+    inner = with_central_dp(FedAvg(), settings.privacy, m, noise)
+    ledger = PrivacyLedger(settings.privacy, release=inner)
+    return _checked(
+        tmp_path, inner, m, 200, privacy=settings.privacy, ledger=ledger, noise=noise
+    )
+
+
+def _noise_of_a_round(strategy, server_round: int, size: int, bits: list) -> np.ndarray:
+    """Run a round of zero updates: what comes back is the noise alone."""
     zeros = ndarrays_to_parameters([np.zeros(size, dtype=np.float32)])
-    draws = []
-    for server_round in range(1, 4):
-        instructions = strategy.configure_fit(
-            server_round, zeros, strategy.client_manager
-        )
-        assert len(instructions) == dp.num_sampled_clients == m
-        updates = _updates(strategy, [[np.zeros(size, np.float32)]] * m)
-        params, _ = strategy.aggregate_fit(server_round, updates, [])
-        draws.append(parameters_to_ndarrays(params)[0])
-    noise = np.concatenate(draws)
+    instructions = strategy.configure_fit(server_round, zeros, strategy.client_manager)
+    assert len(instructions) == len(bits)
+    models = [[np.zeros(size, np.float32)]] * len(bits)
+    updates = _updates(strategy, models, {})
+    for (_, res), bit in zip(updates, bits, strict=True):
+        if bit is not None:
+            res.metrics[KEY_NORM_BIT] = bit
+    params, _ = strategy.aggregate_fit(server_round, updates, [])
+    return parameters_to_ndarrays(params)[0]
+
+
+def test_central_noise_has_the_advertised_deviation(tmp_path):
+    # N(0, z * C / m) per coordinate, m the clients of the round. 60,000 draws
+    # fix its deviation to within 1 % (standard error 0.3 %).
+    z, clip, m, size = 0.7, 2.0, 4, 20_000
+    strategy = _central(
+        tmp_path,
+        "central-fixed",
+        m,
+        **{"dp-noise-multiplier": z, "dp-clipping-norm": clip},
+    )
+    noise = np.concatenate(
+        [_noise_of_a_round(strategy, r, size, [None] * m) for r in range(1, 4)]
+    )
     assert abs(noise.mean()) < 4 * z * clip / m / math.sqrt(noise.size)
     assert noise.std() == pytest.approx(z * clip / m, rel=0.01)
 
 
-def test_adaptive_clipping_lowers_a_norm_that_clips_nothing(tmp_path):
-    # Every client reports its update within the norm: the noised share of
-    # unclipped updates (about 1) is above the target quantile, so C shrinks.
-    settings = RunSettings.from_run_config(
-        default_run_config() | {"dp": "central-adaptive", "dp-noise-multiplier": 0.5}
-    )
-    dp = with_central_dp(FedAvg(), settings.privacy, settings.min_fit_clients)
-    strategy = _checked(tmp_path, dp, 10, central_dp=True)
-    zeros = ndarrays_to_parameters([np.zeros(10, dtype=np.float32)])
-    np.random.seed(0)
-    assert len(strategy.configure_fit(1, zeros, strategy.client_manager)) == 10
-    updates = _updates(strategy, [[np.zeros(10, np.float32)]] * 10)
-    for _, res in updates:
-        res.metrics[KEY_NORM_BIT] = True
-    assert strategy.aggregate_fit(1, updates, [])[0] is not None
-    assert dp.clipping_norm < settings.privacy.dp_clipping_norm
+def test_central_noise_is_the_servers_secret_and_only_its(tmp_path):
+    # The same secret draws the same noise (a resumed run goes on as the
+    # uninterrupted one), another secret other noise; NumPy's global generator,
+    # which the app seeds from the public seed, has no say.
+    def first_noise(secret: bytes, public_seed: int) -> np.ndarray:
+        np.random.seed(public_seed)
+        dp = FixedClipping(FedAvg(), 1.0, 1.0, 3, ServerNoise(secret))
+        strategy = _checked(
+            tmp_path, dp, 3, privacy=_privacy(dp="central-fixed").privacy
+        )
+        return _noise_of_a_round(strategy, 1, 1000, [None] * 3)
+
+    secret = ServerNoise().secret
+    assert len(secret) == 32 and secret != ServerNoise().secret
+    same = first_noise(secret, 1)
+    np.testing.assert_array_equal(same, first_noise(secret, 2))
+    other = first_noise(ServerNoise().secret, 1)
+    assert abs(np.corrcoef(same, other)[0, 1]) < 0.2
 
 
-def test_epsilon_grows_and_is_dp_accountings_own(tmp_path):
-    settings = RunSettings.from_run_config(
-        default_run_config() | {"dp": "central-fixed"}
+def _norms_and_bits(rng, clipping_norm: float, m: int) -> list[bool]:
+    """m synthetic updates (lognormal norms, median 1); each one's norm bit.
+
+    The bit as Flower's adaptiveclipping_mod sets it: whether the update was
+    clipped.
+    """
+    bits = []
+    for _ in range(m):
+        update = rng.normal(size=20)
+        update *= rng.lognormal(0.0, 0.5) / np.linalg.norm(update)
+        arrays = [update.astype(np.float32)]
+        bits.append(
+            compute_adaptive_clip_model_update(
+                arrays, [np.zeros(20, np.float32)], clipping_norm
+            )
+        )
+    return bits
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8])
+@pytest.mark.parametrize("start", [0.1, 10.0])
+def test_adaptive_clipping_converges_to_the_target_quantile(tmp_path, target, start):
+    # Updates whose norms are lognormal (median 1): C should settle where
+    # `target` of them are left unclipped, at their `target`-quantile. Flower's
+    # wrapper went from 0.5 to 0.0014 in 60 rounds, and from 2.0 to 761.
+    m = 10
+    strategy = _central(
+        tmp_path,
+        "central-adaptive",
+        m,
+        **{
+            "dp-noise-multiplier": 0.4,
+            "dp-clipping-norm": start,
+            "dp-target-clipped-quantile": target,
+        },
     )
-    ledger = PrivacyLedger(settings.privacy)
+    dp = strategy.strategy
+    rng = np.random.default_rng(0)
+    norms = []
+    for server_round in range(1, 201):
+        bits = _norms_and_bits(rng, dp.clipping_norm, m)
+        _noise_of_a_round(strategy, server_round, 10, bits)
+        norms.append(dp.clipping_norm)
+    quantile = math.exp(0.5 * NormalDist().inv_cdf(target))
+    settled = math.exp(np.mean(np.log(norms[100:])))
+    assert settled == pytest.approx(quantile, rel=0.10)
+
+
+def test_adaptive_noise_is_made_for_the_norm_the_clients_clipped_to(tmp_path):
+    # Every client clips (bit true): C grows after each round. The noise of a
+    # round is z_update * C / m with the C that round's clients were sent, and
+    # epsilon is dp-accounting's for the multipliers that noise measures.
+    m, size, delta = 10, 40_000, 1e-5
+    strategy = _central(tmp_path, "central-adaptive", m, **{"dp-noise-multiplier": 0.4})
+    dp = strategy.strategy
+    direct = RdpAccountant()
+    for server_round in range(1, 6):
+        sent = dp.clipping_norm
+        noise = _noise_of_a_round(strategy, server_round, size, [True] * m)
+        assert strategy.recorder.rounds[server_round]["clipping_norm"] == sent
+        assert dp.clipping_norm > sent  # it moved, after the noise was drawn
+        measured = noise.std() / (sent / m)
+        assert measured == pytest.approx(dp.noise_multiplier, rel=0.02)
+        direct.compose(dp_event.GaussianDpEvent(measured))
+        direct.compose(dp_event.GaussianDpEvent(2 * dp.clipped_count_stddev))
+        recorded = strategy.recorder.rounds[server_round]["epsilon"]
+        assert recorded == pytest.approx(direct.get_epsilon(delta), rel=0.02)
+    # ...and the update's and the count's noise compose to dp-noise-multiplier.
+    alone = RdpAccountant()
+    alone.compose(dp_event.GaussianDpEvent(0.4), 5)
+    assert strategy.ledger.epsilon == pytest.approx(alone.get_epsilon(delta))
+
+
+def test_a_missing_norm_bit_leaves_its_client_out(tmp_path):
+    # Under adaptive clipping a client that sends no norm bit fails (central
+    # DP then voids the round), instead of ending the run with a KeyError.
+    strategy = _central(tmp_path, "central-adaptive", 3, **{"dp-noise-multiplier": 0.1})
+    zeros = ndarrays_to_parameters([np.zeros(5, dtype=np.float32)])
+    strategy.configure_fit(1, zeros, strategy.client_manager)
+    updates = _updates(strategy, [[np.zeros(5, np.float32)]] * 3, {KEY_NORM_BIT: False})
+    del updates[1][1].metrics[KEY_NORM_BIT]
+    updates[2][1].metrics[KEY_NORM_BIT] = "yes"
+    norm = strategy.strategy.clipping_norm
+    assert strategy.aggregate_fit(1, updates, []) == (None, {})
+    round_1 = strategy.recorder.rounds[1]
+    assert round_1["fit_failures"] == [
+        "partition 1: metric 'norm_bit' = None, expected true or false",
+        "partition 2: metric 'norm_bit' = 'yes', expected true or false",
+    ]
+    assert "central DP needs every client" in round_1["fit_voided"]
+    assert strategy.strategy.clipping_norm == norm and strategy.ledger.epsilon == 0
+
+
+def test_epsilon_grows_and_is_dp_accountings_own():
+    privacy = _privacy(dp="local").privacy
+    ledger = PrivacyLedger(privacy, release=LocalRelease(privacy))
     direct = RdpAccountant()
     spent = []
     for _ in range(5):
         spent.append(ledger.spend())
-        direct.compose(dp_event.GaussianDpEvent(settings.privacy.dp_noise_multiplier))
-        assert spent[-1] == pytest.approx(direct.get_epsilon(settings.privacy.dp_delta))
+        direct.compose(dp_event.GaussianDpEvent(local_noise_multiplier(privacy)))
+        assert spent[-1] == pytest.approx(direct.get_epsilon(privacy.dp_delta))
     assert all(b > a for a, b in zip(spent, spent[1:], strict=False))
 
 
-def test_local_dp_is_counted_with_the_local_mods_noise():
-    privacy = PrivacySettings.from_run_config(
-        default_run_config()
-        | {"dp": "local", "dp-local-epsilon": 2.0, "dp-delta": 1e-4}
-    )
-    # LocalDpMod's deviation over the sensitivity: sqrt(2 ln(1.25 / delta)) / epsilon.
-    assert noise_multiplier(privacy) == pytest.approx(
+def test_local_dp_is_counted_with_the_gaussian_mechanisms_multiplier():
+    privacy = _privacy(
+        **{"dp": "local", "dp-local-epsilon": 2.0, "dp-delta": 1e-4}
+    ).privacy
+    # The Gaussian mechanism's deviation over the sensitivity.
+    assert local_noise_multiplier(privacy) == pytest.approx(
         math.sqrt(2 * math.log(12500)) / 2
     )
 
 
+def _stays(msg: Message, context: Context) -> Message:
+    """A client whose training hardly moves the model: one weight, by 1e-3.
+
+    (Flower's clipping divides by the update's norm: an update of zero fails.)
+    """
+    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    arrays = parameters_to_ndarrays(ins.parameters)
+    arrays[0].flat[0] += 1e-3
+    res = FitRes(OK, ndarrays_to_parameters(arrays), 100, {"train_loss": 1.0})
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def _local_noise(run_config: dict, size: int) -> np.ndarray:
+    """What local DP adds to a zero update of `size` weights: the noise alone."""
+    context = make_context(run_config | {"dp": "local"}, {"partition-id": 1})
+    msg = _fit_message([np.zeros(size, np.float32)], {"server-round": 1})
+    reply = privacy_mod(msg, context, _stays)
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    assert (res.num_examples, res.metrics) == (1, {})  # nothing un-noised leaves
+    return parameters_to_ndarrays(res.parameters)[0]
+
+
+def test_local_noise_is_made_for_twice_the_clipping_norm():
+    # Two clipped updates can be 2C apart: std = 2C * sqrt(2 ln(1.25 / d)) / e.
+    run_config = default_run_config() | {
+        "dp-clipping-norm": 0.3,
+        "dp-local-epsilon": 4.0,
+        "dp-delta": 1e-5,
+    }
+    noise = _local_noise(run_config, 60_000)
+    expected = 2 * 0.3 * math.sqrt(2 * math.log(1.25e5)) / 4.0
+    assert noise.std() == pytest.approx(expected, rel=0.01)
+
+
+def test_local_noise_is_fresh_whatever_the_public_seed():
+    # The client seeds NumPy's global generator from (seed, partition, round)
+    # before it trains; the noise must not come from it.
+    draws = []
+    for _ in range(2):
+        np.random.seed(42)
+        draws.append(_local_noise(default_run_config(), 1000))
+    assert abs(np.corrcoef(*draws)[0, 1]) < 0.2
+    np.random.seed(42)
+    assert abs(np.corrcoef(draws[0], np.random.normal(size=1000))[0, 1]) < 0.2
+
+
+@pytest.mark.parametrize("dp", ["local", "central-fixed", "central-adaptive"])
+def test_under_dp_only_what_the_analysis_covers_leaves_a_client(dp):
+    run_config = default_run_config() | {"dp": dp}
+    context = make_context(run_config, {"partition-id": 1})
+    config = {"server-round": 1, KEY_CLIPPING_NORM: 10.0}
+    reply = privacy_mod(
+        _fit_message([np.zeros(3, np.float32)], config), context, _stays
+    )
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    assert res.num_examples == 1
+    assert set(res.metrics) == ({KEY_NORM_BIT} if dp == "central-adaptive" else set())
+    evaluation = Message(
+        compat.evaluateins_to_recorddict(
+            EvaluateIns(ndarrays_to_parameters([np.zeros(3)]), {}), keep_input=True
+        ),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+    )
+    with pytest.raises(PermissionError, match=f"refused to evaluate under dp = '{dp}'"):
+        privacy_mod(evaluation, context, _stays)
+    # Opted in: the metrics go, and so does an evaluation, outside epsilon.
+    opted = make_context(run_config | {"dp-client-metrics": True}, {"partition-id": 1})
+    reply = privacy_mod(_fit_message([np.zeros(3, np.float32)], config), opted, _stays)
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    assert (res.num_examples, res.metrics["train_loss"]) == (1, 1.0)
+    assert privacy_mod(evaluation, opted, lambda msg, ctx: "evaluated") == "evaluated"
+
+
+def test_under_dp_the_server_keeps_no_organizations_values(tmp_path):
+    strategy = _central(tmp_path, "central-fixed", 3)
+    model = ndarrays_to_parameters([np.zeros(5, dtype=np.float32)])
+    strategy.configure_fit(1, model, strategy.client_manager)
+    # A client that sends its metrics anyway.
+    updates = _updates(strategy, [[np.zeros(5, np.float32)]] * 3, {"train_loss": 0.5})
+    params, metrics = strategy.aggregate_fit(1, updates, [])
+    assert params is not None and metrics == {}
+    round_1 = strategy.recorder.rounds[1]
+    assert "fit_examples" not in round_1 and "fit_train_loss" not in round_1
+    assert round_1["train_loss"] is None and round_1["fit_clients"] == 3
+    # No federated evaluation: it would release the clients' un-noised values.
+    assert strategy.configure_evaluate(1, model, strategy.client_manager) == []
+
+
 def test_the_budget_ends_the_run_before_a_round_would_pass_it(tmp_path):
-    privacy = RunSettings.from_run_config(
-        default_run_config() | {"dp": "local"}
-    ).privacy
+    privacy = _privacy(dp="local").privacy
     # The budget: more than two rounds spend, less than three.
-    probe = PrivacyLedger(privacy)
+    probe = PrivacyLedger(privacy, release=LocalRelease(privacy))
     spent = [probe.spend() for _ in range(3)]
-    ledger = PrivacyLedger(privacy)
+    ledger = PrivacyLedger(privacy, release=LocalRelease(privacy))
     ledger.max_epsilon = (spent[1] + spent[2]) / 2
-    strategy = _checked(tmp_path, FedAvg(), 3, privacy=ledger)
+    strategy = _checked(tmp_path, FedAvg(), 3, privacy=privacy, ledger=ledger)
     model = ndarrays_to_parameters(get_parameters(Net()))
     for server_round in (1, 2):
         assert strategy.configure_fit(server_round, model, strategy.client_manager)
-        updates = _updates(strategy, [get_parameters(Net())] * 3)
+        updates = _updates(strategy, [get_parameters(Net())] * 3, {})
         assert strategy.aggregate_fit(server_round, updates, [])[0] is not None
         assert (
             strategy.recorder.rounds[server_round]["epsilon"] == spent[server_round - 1]
@@ -395,3 +605,54 @@ run_tutorial_simulation(num_supernodes={nodes}, run_config={run_config!r})
 def _trained(run_config: dict, nodes: int) -> list[tuple[list[np.ndarray], int]]:
     """Each node's round-1 update, trained here as its client would."""
     return first_round_updates(run_config, range(nodes), nodes)
+
+
+WITHOUT_A_NORM_BIT = """
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
+from flwr.compat.common import recorddict_compat as compat
+import flower_tutorial.simulation as simulation
+
+privacy_mod = simulation.privacy_mod
+
+
+def forgetful_mod(msg, context, call_next):
+    # Partition 1's client sends no norm bit in round 1.
+    reply = privacy_mod(msg, context, call_next)
+    if reply.content and "fitres.metrics" in reply.content.config_records:
+        res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        first = not hasattr(forgetful_mod, "done")
+        if context.node_config["partition-id"] == 1 and first:
+            forgetful_mod.done = True
+            del res.metrics[KEY_NORM_BIT]
+            reply.content = compat.fitres_to_recorddict(res, keep_input=True)
+    return reply
+
+
+simulation.privacy_mod = forgetful_mod
+simulation.run_tutorial_simulation(3, RUN_CONFIG)
+"""
+
+
+def test_a_reply_without_a_norm_bit_costs_its_round_not_the_run(
+    run_python, cifar_dir, tmp_path
+):
+    run_config = {
+        "dataset": str(cifar_dir),
+        "num-server-rounds": 2,
+        "min-fit-clients": 3,
+        "min-available-clients": 3,
+        "batch-size": 32,
+        "dp": "central-adaptive",
+        "dp-noise-multiplier": 0.1,
+        "output-dir": str(tmp_path),
+    }
+    code = f"{in_process()}RUN_CONFIG = {run_config!r}\n{WITHOUT_A_NORM_BIT}"
+    exit_code, output = run_python(code, timeout=300)
+    assert exit_code == 0, output[-4000:]
+    rounds = history_of(tmp_path)["rounds"]
+    assert rounds[1]["fit_failures"] == [
+        "partition 1: metric 'norm_bit' = None, expected true or false"
+    ]
+    assert "central DP needs every client" in rounds[1]["fit_voided"]
+    assert "epsilon" not in rounds[1]
+    assert rounds[2]["fit_failures"] == [] and rounds[2]["epsilon"] > 0

@@ -282,11 +282,13 @@ def _interrupted_while_writing(name: str, monkeypatch) -> None:
         return write_text(path, text, *args, **kwargs)
 
     def fake_save(obj, path, *args, **kwargs) -> None:
-        if not Path(path).name.startswith(name):
+        # A path, or a file opened at one.
+        target = Path(path.name if hasattr(path, "write") else path)
+        if not target.name.startswith(name):
             return save(obj, path, *args, **kwargs)
         buffer = io.BytesIO()
         save(obj, buffer, *args, **kwargs)
-        half_then_ctrl_c(path, buffer.getvalue())
+        half_then_ctrl_c(target, buffer.getvalue())
 
     monkeypatch.setattr(Path, "write_text", fake_write_text)
     monkeypatch.setattr(torch, "save", fake_save)

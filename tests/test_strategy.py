@@ -63,12 +63,15 @@ def _strategy(
     for pid in range(num_nodes):
         manager.register(_Proxy(pid))
     recorder = RunRecorder(tmp_path, {}, settings.data, 2, False)
+    privacy = RunSettings.from_run_config(
+        default_run_config() | {"secure-aggregation": secure_aggregation}
+    ).privacy
     strategy = CheckedStrategy(
         inner or FedAvg(),
         client_manager=manager,
         recorder=recorder,
         aggregation=aggregation,
-        secure_aggregation=secure_aggregation,
+        privacy=privacy,
     )
     strategy.configure_fit(1, _sent(), manager)
     return strategy
