@@ -132,6 +132,36 @@ class _SecretNoise:
         self._sent_norm = self.clipping_norm
         return instructions
 
+    def _use(self, noise: ServerNoise) -> None:
+        """Draw the noise from `noise`; until a round samples, clip to C as given."""
+        self.noise = noise
+        self._sent_norm = self.clipping_norm
+        self._added = []
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, Any]],
+        failures: list[Any],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Average the clipped updates and noise the mean; none after a failure."""
+        self._added = []
+        if failures:
+            return None, {}
+        aggregated, metrics = self.strategy.aggregate_fit(  # type: ignore[attr-defined]
+            server_round, results, []
+        )
+        if aggregated is None:
+            return None, metrics
+        noised = self._noised(aggregated, server_round)
+        self._after_the_noise(results, server_round)
+        return noised, metrics
+
+    def _after_the_noise(
+        self, results: list[tuple[ClientProxy, Any]], server_round: int
+    ) -> None:
+        """Finish the round once its noise is drawn (adaptive clipping moves C)."""
+
     def _noised(self, aggregated: Parameters, server_round: int) -> Parameters:
         """Add the mean's noise: z * C / m, C the norm this round's clients used."""
         std = compute_stdv(
@@ -160,24 +190,7 @@ class FixedClipping(_SecretNoise, DifferentialPrivacyClientSideFixedClipping):
         noise: ServerNoise,
     ) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self.noise = noise
-        self._sent_norm = clipping_norm
-        self._added: list[float] = []
-
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, Any]],
-        failures: list[Any],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Average the clipped updates, then add the noise (none after a failure)."""
-        self._added = []
-        if failures:
-            return None, {}
-        aggregated, metrics = self.strategy.aggregate_fit(server_round, results, [])
-        if aggregated is None:
-            return None, metrics
-        return self._noised(aggregated, server_round), metrics
+        self._use(noise)
 
     def planned_release(self) -> list[float]:
         """Return the update's multiplier: dp-noise-multiplier."""
@@ -207,28 +220,9 @@ class AdaptiveClipping(_SecretNoise, DifferentialPrivacyClientSideAdaptiveClippi
         **adaptive: Any,
     ) -> None:
         super().__init__(strategy, noise_multiplier, num_sampled_clients, **adaptive)
-        self.noise = noise
-        self._sent_norm = self.clipping_norm
-        self._added: list[float] = []
+        self._use(noise)
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, Any]],
-        failures: list[Any],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Average and noise the clipped updates, then move C from their norm bits."""
-        self._added = []
-        if failures:
-            return None, {}
-        aggregated, metrics = self.strategy.aggregate_fit(server_round, results, [])
-        if aggregated is None:
-            return None, metrics
-        noised = self._noised(aggregated, server_round)
-        self._move_clipping_norm(results, server_round)
-        return noised, metrics
-
-    def _move_clipping_norm(
+    def _after_the_noise(
         self, results: list[tuple[ClientProxy, Any]], server_round: int
     ) -> None:
         """Move C toward the target quantile, from the noised count of the unclipped.
