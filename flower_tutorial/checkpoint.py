@@ -10,8 +10,8 @@ model, to the byte, as a run that was never interrupted.
 
 from __future__ import annotations
 
-import contextlib
-import os
+import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.server.strategy import Strategy
+
+from flower_tutorial.outputs import save_tensors, write_atomically
+from flower_tutorial.task import Net, get_parameters
 
 CHECKPOINT = "checkpoint.pt"
 # What Flower's strategies and DP wrappers change as rounds go by: FedAdam's,
@@ -46,23 +49,20 @@ class Checkpoint:
 
 def save(checkpoint: Checkpoint, run_dir: Path) -> None:
     """Write the checkpoint atomically: a crash leaves the previous one whole."""
-    path = run_dir / CHECKPOINT
-    tmp = path.with_name(path.name + ".tmp")
-    # Created private: no moment of the file's life lets others read the secret.
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    with open(tmp, "xb", opener=_private) as f:
-        torch.save(_to_tensors(vars(checkpoint)), f)
-    os.replace(tmp, path)
-
-
-def _private(path: str, flags: int) -> int:
-    """Open `path` as only its owner may read it (for `open`'s `opener`)."""
-    return os.open(path, flags, 0o600)
+    state = _to_tensors(vars(checkpoint))
+    # Private: it holds the noise secret.
+    write_atomically(
+        run_dir / CHECKPOINT, lambda tmp: save_tensors(state, tmp), private=True
+    )
 
 
 def load(run_dir: Path) -> Checkpoint:
-    """Read a run folder's checkpoint, or explain why it cannot be used."""
+    """Read a run folder's checkpoint, or explain why it cannot be used.
+
+    Every field is checked for its type (and the model for its shapes) before
+    anything of it is used: a damaged or tampered file is refused, naming what is
+    wrong, before the resumed run starts.
+    """
     path = run_dir / CHECKPOINT
     key = f"run config key 'resume-from' = {str(run_dir)!r}"
     if not path.is_file():
@@ -74,11 +74,126 @@ def load(run_dir: Path) -> Checkpoint:
     try:
         # Only tensors and plain containers: a checkpoint cannot run code.
         state = _from_tensors(torch.load(path, map_location="cpu", weights_only=True))
-        return Checkpoint(**state)
     except Exception as ex:  # any damage means the same to the user
         raise ValueError(
             f"{key}: its {CHECKPOINT} cannot be read ({type(ex).__name__}: {ex})."
         ) from ex
+    why = _unsound(state)
+    if why:
+        raise ValueError(f"{key}: its {CHECKPOINT} cannot be resumed: {why}.")
+    return Checkpoint(**state)
+
+
+def _unsound(state: Any) -> str | None:
+    """Return what is wrong with a checkpoint's fields, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint"
+    fields = {f.name for f in dataclasses.fields(Checkpoint)}
+    unknown = sorted(str(k) for k in set(state) - fields)
+    if unknown:
+        return (
+            f"it holds {', '.join(repr(k) for k in unknown)}, which no checkpoint has"
+        )
+    missing = sorted(f for f in fields - set(state) if f != "noise_secret")
+    if missing:
+        return f"it lacks {', '.join(repr(k) for k in missing)}"
+    server_round = state["server_round"]
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        return f"'server_round' = {server_round!r}, expected an integer >= 1"
+    if server_round < 1:
+        return f"'server_round' = {server_round}, expected an integer >= 1"
+    return (
+        _unsound_model(state["model"])
+        or _unsound_history(state["history"], server_round)
+        or _unsound_types(state)
+        or _unsound_generators(state)
+    )
+
+
+def _unsound_model(model: Any) -> str | None:
+    """Return why `model` is not the arrays of the tutorial's Net, or None."""
+    expected = get_parameters(Net())
+    if not isinstance(model, list) or len(model) != len(expected):
+        return f"'model' is not the {len(expected)} arrays of the tutorial's Net"
+    for i, (array, want) in enumerate(zip(model, expected, strict=True)):
+        if not isinstance(array, np.ndarray) or array.shape != want.shape:
+            shape = getattr(array, "shape", type(array).__name__)
+            return f"'model' array {i} is {shape}, expected shape {want.shape}"
+        if array.dtype != want.dtype:
+            return f"'model' array {i} has dtype {array.dtype}, expected {want.dtype}"
+    return None
+
+
+# history.json's keys that resuming reads, and the types each must have.
+HISTORY_KEYS: dict[str, tuple[type, ...]] = {
+    "run_config": (dict,),
+    "rounds": (list,),
+    "num_partitions": (int, type(None)),
+    "nodes_left_out": (list,),
+    "best_round": (int, type(None)),
+}
+
+
+def _unsound_history(history: Any, server_round: int) -> str | None:
+    """Return why `history` cannot be the record of rounds 0..server_round, or None."""
+    if not isinstance(history, dict):
+        return f"'history' is a {type(history).__name__}, expected a dict"
+    for key, types in HISTORY_KEYS.items():
+        if key not in history:
+            return f"'history' has no {key!r}"
+        value = history[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"'history' {key!r} = {_short(value)}, of the wrong type"
+    if not isinstance(history.get("resumed", []), list):  # none before a resumption
+        return "'history' 'resumed' is not a list"
+    numbers = [
+        r.get("round") if isinstance(r, dict) else None for r in history["rounds"]
+    ]
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in numbers):
+        return "'history' 'rounds' holds an entry without an integer 'round'"
+    if numbers != sorted(set(numbers)) or (numbers and numbers[-1] != server_round):
+        return f"'history' 'rounds' are {numbers}, expected rounds up to {server_round}"
+    if history["best_round"] is not None and history["best_round"] not in numbers:
+        return f"'history' 'best_round' = {history['best_round']} is no round of it"
+    return None
+
+
+def _unsound_types(state: dict[str, Any]) -> str | None:
+    """Return why the strategy, accountant or noise state has the wrong type."""
+    strategy = state["strategy"]
+    if not isinstance(strategy, dict) or not all(isinstance(k, str) for k in strategy):
+        return "'strategy' is not a dict of named states"
+    if state["privacy"] is not None and not isinstance(state["privacy"], dict):
+        return "'privacy' is not an accountant's state"
+    secret = state.get("noise_secret")
+    if secret is not None and not (isinstance(secret, bytes) and len(secret) == 32):
+        return "'noise_secret' is not 32 bytes"
+    return None
+
+
+def _unsound_generators(state: dict[str, Any]) -> str | None:
+    """Return which saved random state a generator refuses, or None.
+
+    Each is tried on a generator of its own: the run's are not touched yet.
+    """
+    for key, generator in (
+        ("sampler", random.Random()),
+        ("python_rng", random.Random()),
+        ("numpy_rng", np.random.RandomState()),
+    ):
+        try:
+            if isinstance(generator, random.Random):
+                generator.setstate(state[key])
+            else:
+                generator.set_state(state[key])
+        except Exception as ex:  # whatever is wrong with it, it cannot be used
+            return f"{key!r} is no generator's state ({type(ex).__name__})"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}..."
 
 
 # Run-config keys that may differ between a run and its resumption: where and how
@@ -134,9 +249,76 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     return state
 
 
+def check_restorable(
+    saved: Checkpoint,
+    run_dir: Path,
+    strategy: Strategy,
+    accountant: bool,
+    noise_secret: bool,
+) -> None:
+    """Refuse a checkpoint whose state does not fit this run's strategy and privacy.
+
+    Only what `strategy_state` collects from this stack of strategies may be
+    restored, each value of its type and shape; the accountant's and the noise
+    secret's presence must match the run's privacy settings. Called before any
+    of it is restored.
+    """
+    why = _unsound_strategy_state(strategy, saved.strategy, saved.model)
+    if why is None and (saved.privacy is not None) != accountant:
+        having = "holds" if saved.privacy is not None else "lacks"
+        why = f"it {having} an accountant's state, and this run's dp says otherwise"
+    if why is None and (saved.noise_secret is not None) != noise_secret:
+        having = "holds" if saved.noise_secret is not None else "lacks"
+        why = f"it {having} a noise secret, and this run's dp says otherwise"
+    if why:
+        raise ValueError(
+            f"run config key 'resume-from' = {str(run_dir)!r}: its {CHECKPOINT} "
+            f"cannot be resumed: {why}."
+        )
+
+
+def _unsound_strategy_state(
+    strategy: Strategy, state: dict[str, Any], model: list[np.ndarray]
+) -> str | None:
+    """Return why `state` cannot be this stack's state, or None."""
+    layers = _layers(strategy)
+    allowed = {
+        f"{depth}.{name}"
+        for depth, layer in enumerate(layers)
+        for name in STRATEGY_STATE
+        if hasattr(layer, name)
+    }
+    for key, value in state.items():
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            return (
+                f"strategy state {key!r} is not this run's strategy's (known: {known})"
+            )
+        name = key.split(".", 1)[1]
+        if name == "clipping_norm":
+            number = isinstance(value, float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                return (
+                    f"strategy state {key!r} = {_short(value)}, expected a number > 0"
+                )
+            continue
+        arrays = isinstance(value, list) and all(
+            isinstance(a, np.ndarray) for a in value
+        )
+        shapes = [a.shape for a in value] if arrays else None
+        if shapes != [a.shape for a in model]:
+            return (
+                f"strategy state {key!r} is not one float array per model array, "
+                "in the model's shapes"
+            )
+        if any(a.dtype.kind != "f" for a in value):
+            return f"strategy state {key!r} is not one float array per model array"
+    return None
+
+
 def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
-    """Put back what `strategy_state` collected from the same stack of strategies."""
-    layers = list(_layers(strategy))
+    """Put back what `strategy_state` collected (checked by `check_restorable`)."""
+    layers = _layers(strategy)
     for key, value in state.items():
         depth, name = key.split(".", 1)
         setattr(layers[int(depth)], name, value)

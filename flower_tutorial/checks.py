@@ -3,7 +3,9 @@
 Every value a client sends is checked here, where it enters the server: its
 weights, its counts and its metrics. Each check returns None for a sound result,
 else the reason it is left out; the reason is logged and kept in history.json.
-A client may send anything, so no check assumes a type before testing it.
+A client may send anything, so no check assumes a type before testing it, and
+no reason shows more of a client's own text than `shown` and `cut` allow: a
+client's value or message has no length limit on its way in.
 """
 
 from __future__ import annotations
@@ -30,6 +32,27 @@ EVALUATE_METRICS: Ranges = {"accuracy": (0.0, 1.0, "a number in [0, 1]")}
 SECURE_SLACK = 1e-4
 
 
+# The most of a client's text that a reason shows: of one value (a metric, its
+# name, a property), and of a whole message (a status, an error it raised).
+SHOWN_VALUE_CHARS = 100
+SHOWN_MESSAGE_CHARS = 1000
+
+
+def cut(text: str, limit: int = SHOWN_MESSAGE_CHARS) -> str:
+    """Return `text`, or its first `limit` characters and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shown(value: object) -> str:
+    """Return `value` as a reason shows it: its repr, cut to SHOWN_VALUE_CHARS."""
+    if isinstance(value, str | bytes) and len(value) > SHOWN_VALUE_CHARS:
+        # The repr of the start only: the whole could be megabytes.
+        return f"{value[:SHOWN_VALUE_CHARS]!r}... ({len(value):,} characters)"
+    return cut(repr(value), SHOWN_VALUE_CHARS)
+
+
 def check_update(
     res: FitRes,
     reference: NDArrays,
@@ -54,7 +77,7 @@ def check_fit_report(
     if reason is None and norm_bit:
         value = res.metrics.get(KEY_NORM_BIT)
         if not isinstance(value, bool):
-            reason = f"metric {KEY_NORM_BIT!r} = {value!r}, expected true or false"
+            reason = f"metric {KEY_NORM_BIT!r} = {shown(value)}, expected true or false"
     return reason
 
 
@@ -63,7 +86,7 @@ def check_arrays(parameters: Parameters, reference: NDArrays) -> str | None:
     try:
         arrays = parameters_to_ndarrays(parameters)
     except Exception as ex:  # whatever bytes came, reading them must not end the run
-        return f"its arrays cannot be read ({type(ex).__name__}: {ex})"
+        return f"its arrays cannot be read ({type(ex).__name__}: {cut(str(ex))})"
     if len(arrays) != len(reference):
         return f"{len(arrays)} arrays, expected {len(reference)}"
     for i, (array, expected) in enumerate(zip(arrays, reference, strict=True)):
@@ -102,7 +125,7 @@ def check_secure_aggregate(
 def check_evaluation(res: EvaluateRes) -> str | None:
     """Return why an evaluation result cannot be averaged, or None."""
     if not _is_number(res.loss) or not 0 <= res.loss < math.inf:
-        return f"loss = {res.loss!r}, expected a finite number >= 0"
+        return f"loss = {shown(res.loss)}, expected a finite number >= 0"
     return _check_count(res.num_examples) or _check_metrics(
         res.metrics, EVALUATE_METRICS
     )
@@ -116,7 +139,7 @@ def _is_number(value: object) -> bool:
 def _check_count(num_examples: object) -> str | None:
     """Check a count of examples, which weighs a client: an integer > 0."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, int):
-        return f"num_examples = {num_examples!r}, expected an integer > 0"
+        return f"num_examples = {shown(num_examples)}, expected an integer > 0"
     if num_examples <= 0:
         return f"num_examples = {num_examples}, expected > 0"
     return None
@@ -127,8 +150,8 @@ def _check_metrics(metrics: Mapping[str, Scalar], expected: Ranges) -> str | Non
     for key, (low, high, allowed) in expected.items():
         value = metrics.get(key)
         if not _is_number(value) or not low <= value <= high or math.isinf(value):
-            return f"metric {key!r} = {value!r}, expected {allowed}"
+            return f"metric {key!r} = {shown(value)}, expected {allowed}"
     for key, value in metrics.items():
         if _is_number(value) and not math.isfinite(value):
-            return f"metric {key!r} = {value!r}, expected a finite number"
+            return f"metric {shown(key)} = {shown(value)}, expected a finite number"
     return None

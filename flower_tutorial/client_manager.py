@@ -22,6 +22,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
+from flower_tutorial.checks import cut, shown
 from flower_tutorial.config import NUM_PARTITIONS, PARTITION_ID
 from flower_tutorial.stopping import RunStoppedError, StoppableGrid
 
@@ -45,6 +46,8 @@ class SeededClientManager(SimpleClientManager):
         self._identities: dict[str, tuple[int, int]] = {}
         # cid -> why the node could not be identified (it is never sampled).
         self.unidentified: dict[str, str] = {}
+        # Why the last `sample` took fewer nodes than asked: nodes above.
+        self._unsampled: list[str] = []
         self._rng = random.Random(seed)
         self._stopped = threading.Event()
 
@@ -72,6 +75,11 @@ class SeededClientManager(SimpleClientManager):
     def restore_sampler(self, state: Any) -> None:
         """Draw on from a checkpoint's sampling state."""
         self._rng.setstate(state)
+
+    def unsampled(self) -> list[str]:
+        """Return, and forget, why the last sample took fewer nodes than asked."""
+        reasons, self._unsampled = self._unsampled, []
+        return reasons
 
     def partition_id(self, cid: str) -> int | None:
         """Return the partition the node `cid` holds (None: not asked yet)."""
@@ -104,8 +112,11 @@ class SeededClientManager(SimpleClientManager):
     ) -> list[ClientProxy]:
         """Sample `num_clients` nodes after waiting (bounded) for enough of them.
 
-        Nodes that could not say which partition they hold are left out; fewer
-        than `num_clients` are sampled then, as long as `min_num_clients` remain.
+        A node that could not say which partition it holds costs its own place
+        and no other's: it is never asked, and where it leaves the round short
+        of `num_clients`, it counts as a failed client of the round (its reason
+        in `unsampled()`), as a client failing in `fit` would. Only when no
+        node can say which partition it holds does the run end.
         """
         needed = max(num_clients, min_num_clients or 0)
         if not self.wait_for(needed, timeout=self.timeout):
@@ -126,19 +137,14 @@ class SeededClientManager(SimpleClientManager):
             (cid for cid in clients if cid in self._identities),
             key=lambda cid: (self._identities[cid][0], cid),
         )
-        if len(usable) < max(min_num_clients or 0, 1):
-            others = [self.unidentified[cid] for cid in clients if cid not in usable]
-            if not usable:
-                raise RuntimeError(
-                    f"All {len(clients)} SuperNodes failed when asked which "
-                    f"partition they hold; the first said: {others[0]}"
-                )
+        unidentified = [why for cid, why in self.unidentified.items() if cid in clients]
+        if not usable:
             raise RuntimeError(
-                f"The strategy needs {min_num_clients} SuperNodes but only "
-                f"{len(usable)} of the {len(clients)} connected said which "
-                f"partition they hold; the first of the others said: {others[0]}"
+                f"All {len(clients)} SuperNodes failed when asked which "
+                f"partition they hold; the first said: {unidentified[0]}"
             )
         count = min(num_clients, len(usable))
+        self._unsampled = unidentified[: num_clients - count]
         return [clients[cid] for cid in self._rng.sample(usable, count)]
 
     def _identify(self, clients: dict[str, ClientProxy]) -> None:
@@ -156,7 +162,7 @@ class SeededClientManager(SimpleClientManager):
             try:
                 reply = proxy.get_properties(ins, self.timeout, group_id=0)
             except Exception as ex:  # a node's failure must not end the run
-                return f"get_properties failed: {type(ex).__name__}: {ex}"
+                return f"get_properties failed: {type(ex).__name__}: {cut(str(ex))}"
             return _identity(reply.properties)
 
         with ThreadPoolExecutor() as pool:
@@ -218,7 +224,7 @@ def _identity(properties: dict) -> tuple[int, int] | str:
     num_partitions = properties.get(NUM_PARTITIONS)
     for key, value in ((PARTITION_ID, partition_id), (NUM_PARTITIONS, num_partitions)):
         if isinstance(value, bool) or not isinstance(value, int):
-            return f"{key} = {value!r}, expected an integer"
+            return f"{key} = {shown(value)}, expected an integer"
     if not 0 <= partition_id < num_partitions:
         return (
             f"{PARTITION_ID} = {partition_id} is outside [0, {NUM_PARTITIONS} = "

@@ -329,6 +329,11 @@ def _count_or_fraction(
     )
 
 
+def trimmed(trim_fraction: float, num_updates: int) -> int:
+    """Return how many updates the trimmed mean cuts at each end, as Flower does."""
+    return int(trim_fraction * num_updates)
+
+
 def clipped_count_stddev(min_fit_clients: int) -> float:
     """Return adaptive clipping's noise (std) on the count of clipped updates.
 
@@ -409,6 +414,18 @@ class RunSettings:
                 "checkpoint."
             )
         privacy, rule = self.privacy, self.aggregation
+        if (
+            rule == "trimmed-mean"
+            and trimmed(self.trim_fraction, self.min_fit_clients) == 0
+        ):
+            raise ValueError(
+                f"run config key 'trim-fraction' = {self.trim_fraction:g} is not "
+                f"allowed with aggregation = 'trimmed-mean' and min-fit-clients = "
+                f"{self.min_fit_clients}: it trims int({self.trim_fraction:g} * "
+                f"{self.min_fit_clients}) = 0 updates at each end, which is the plain "
+                "mean. Train more clients a round (at least 1 / trim-fraction), "
+                "or trim a larger fraction."
+            )
         if privacy.secure_aggregation and rule != "fedavg":
             raise ValueError(
                 f"run config key 'aggregation' = {rule!r} is not allowed with "

@@ -23,7 +23,7 @@ from flower_tutorial.data import (
     decoded_test_split,
     label_counts,
 )
-from flower_tutorial.outputs import save_model, write_json
+from flower_tutorial.outputs import RunFolderLock, save_model, write_json
 from flower_tutorial.plots import plot_batch, plot_curves, plot_label_distribution
 from flower_tutorial.task import Net, load_data, set_parameters, set_seed
 
@@ -65,8 +65,10 @@ class RunRecorder:
         data: DataSettings,
         num_rounds: int,
         save_best_model: bool,
+        lock: RunFolderLock | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self._lock = lock  # held until the run's last file is written
         self.run_config = run_config
         self.data = data
         self.num_rounds = num_rounds
@@ -154,6 +156,8 @@ class RunRecorder:
                 checkpoint.Checkpoint(server_round, arrays, history, **state),
                 self.run_dir,
             )
+        if self.finished:
+            self._release()
 
     def _write_scalars(self, entry: dict[str, Any]) -> None:
         """Write the round's numbers as TensorBoard scalars, into the run's folder.
@@ -182,6 +186,12 @@ class RunRecorder:
         self.stopped_early = f"after round {last_round}: {why}"
         self._finish(parameters_to_ndarrays(parameters))
         self.write_history()
+        self._release()
+
+    def _release(self) -> None:
+        """Let the run folder go: everything of the run is written."""
+        if self._lock is not None:
+            self._lock.release()
 
     def write_history(self) -> dict[str, Any]:
         """Write history.json (atomically) with every round so far; return it."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -35,7 +37,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 from flwr.compat.common import recorddict_compat as compat
+from flwr.server import Grid, LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
 from flower_tutorial.config import SECAGG_MODULUS, DataSettings, PrivacySettings
 
@@ -143,9 +149,145 @@ def refuse_an_unmaskable_update(
     return reply
 
 
+class SecAggClientError(Exception):
+    """A client that failed in a stage of SecAgg+: which node, which stage, why."""
+
+    def __init__(self, node_id: int, stage: str, reason: str) -> None:
+        super().__init__(reason)
+        self.node_id = node_id
+        self.stage = stage
+
+    @property
+    def summed(self) -> bool:
+        """Whether its update is in the sum: it failed only at unmasking it."""
+        return self.stage == Stage.UNMASK
+
+
+class HaltedRounds(Protocol):
+    """What records a round whose secure sum was never unmasked (the strategy)."""
+
+    def record_halted_fit(
+        self, server_round: int, failures: list[SecAggClientError]
+    ) -> None:
+        """Record the round's failures; the round changes nothing."""
+
+
+class _FailureLog(list):
+    """The workflow's list of failures: each client's once, named by node and stage.
+
+    Flower appends a stage-2 error reply twice (its two loops over the replies
+    each do), which makes one failure count as two and can hide a client that
+    never replied; and a bare Exception says neither who nor when.
+    """
+
+    def __init__(self, origins: dict[int, tuple[int, str]]) -> None:
+        super().__init__()
+        self._origins = origins  # id(error) -> (node, stage), from the grid
+        self._seen: set[int] = set()
+
+    def append(self, failure: object) -> None:
+        """Add Flower's Exception(error) once, as a SecAggClientError."""
+        if isinstance(failure, SecAggClientError):
+            super().append(failure)
+            return
+        error = failure.args[0] if isinstance(failure, BaseException) else failure
+        if id(error) in self._seen:
+            return
+        self._seen.add(id(error))
+        node_id, stage = self._origins[id(error)]
+        super().append(
+            SecAggClientError(node_id, stage, str(getattr(error, "reason", error)))
+        )
+
+
+class _WatchedGrid:
+    """The grid the workflow sends through: notes each error reply and silence.
+
+    An error reply's Error, by node and stage, for `_FailureLog`; a client that
+    does not reply within round-timeout becomes a failure of its own, which
+    Flower's workflow does not record.
+    """
+
+    def __init__(self, grid: Grid, origins: dict[int, tuple[int, str]]) -> None:
+        self._grid = grid
+        self.origins = origins
+        self.failures: _FailureLog | None = None  # this round's, once it is set up
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the wrapped Grid's."""
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Send as the Grid does; note who failed, at which stage."""
+        messages = list(messages)
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        if not messages:
+            return replies
+        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        for reply in replies:
+            if reply.has_error():
+                self.origins[id(reply.error)] = (reply.metadata.src_node_id, stage)
+        replied = {reply.metadata.src_node_id for reply in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in replied and self.failures is not None:
+                self.failures.append(
+                    SecAggClientError(
+                        msg.metadata.dst_node_id,
+                        stage,
+                        f"no reply within round-timeout (SecAgg+ stage {stage})",
+                    )
+                )
+        return replies
+
+
+class SecureFitWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, every client's failure recorded once.
+
+    Each failure is a `SecAggClientError`, named by its node and stage, silent
+    clients included. A round that halts before its sum is unmasked (too few
+    clients or shares left) is recorded with its failures through the strategy's
+    `record_halted_fit`: Flower's workflow never tells the strategy about it.
+    """
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        """Run one round of SecAgg+; record it if it halts."""
+        self._grid = _WatchedGrid(grid, {})
+        self._asked = False
+        self._unmasked = False
+        super().__call__(self._grid, context)
+        if self._asked and not self._unmasked:
+            cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+            strategy: HaltedRounds = context.strategy  # type: ignore[attr-defined]
+            strategy.record_halted_fit(
+                int(cfg[WorkflowKey.CURRENT_ROUND]), list(self._grid.failures or [])
+            )
+
+    def setup_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        """Set the round up, its failures kept in a `_FailureLog`.
+
+        (Not when a caller runs the stages on a grid of its own, not `__call__`.)
+        """
+        if isinstance(grid, _WatchedGrid):
+            state.failures = grid.failures = _FailureLog(grid.origins)
+        done = super().setup_stage(grid, context, state)
+        self._asked = bool(state.sampled_node_ids)
+        return done
+
+    def unmask_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        """Unmask the sum (and hand it to the strategy), noting that it did."""
+        self._unmasked = super().unmask_stage(grid, context, state)
+        return self._unmasked
+
+
 def secure_fit_workflow(
     privacy: PrivacySettings, data: DataSettings
-) -> SecAggPlusWorkflow:
+) -> SecureFitWorkflow:
     """Return SecAgg+'s fit workflow with the run's settings, masking securely.
 
     SecAgg+ scales each update by examples / max_weight before masking, and
@@ -160,7 +302,7 @@ def secure_fit_workflow(
 
     use_secure_masks()
     max_weight = 1 if privacy.dp != "none" else train_split_size(data)
-    return SecAggPlusWorkflow(
+    return SecureFitWorkflow(
         num_shares=privacy.secagg_num_shares,
         reconstruction_threshold=privacy.secagg_reconstruction_threshold,
         max_weight=max_weight,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ from flower_tutorial.differential_privacy import (
     ServerNoise,
     with_central_dp,
 )
-from flower_tutorial.outputs import load_checkpoint, make_run_dir
+from flower_tutorial.outputs import RunFolderLock, load_checkpoint, make_run_dir
 from flower_tutorial.recording import RunRecorder
 from flower_tutorial.secure_aggregation import secure_fit_workflow
 from flower_tutorial.strategy import CheckedStrategy
@@ -178,35 +181,51 @@ def server_fn(context: Context) -> ServerAppComponents:
         ledger = PrivacyLedger(privacy, release=LocalRelease(privacy))
     # Which clients are sampled is seeded too (see SeededClientManager).
     client_manager = SeededClientManager(settings.node_wait_timeout, settings.seed)
-    recorder = RunRecorder(
-        run_dir=(
-            resume_dir.resolve()
-            if saved
-            else make_run_dir(settings.output_dir, context.run_id)
-        ),
-        run_config=dict(context.run_config),
-        data=settings.data,
-        num_rounds=settings.num_server_rounds,
-        save_best_model=settings.save_best_model,
+    run_dir = (
+        resume_dir.resolve()
+        if saved
+        else make_run_dir(settings.output_dir, context.run_id)
     )
-    strategy = CheckedStrategy(
-        inner,
-        client_manager=client_manager,
-        recorder=recorder,
-        aggregation=settings.aggregation,
-        trim_fraction=settings.trim_fraction,
-        krum_byzantine=settings.krum_byzantine,
-        privacy=privacy,
-        ledger=ledger,
-        noise=noise,
-    )
-    if saved:
-        strategy.resume(saved)
+    lock = RunFolderLock(run_dir, _writer(context))
+    try:
+        recorder = RunRecorder(
+            run_dir=run_dir,
+            run_config=dict(context.run_config),
+            data=settings.data,
+            num_rounds=settings.num_server_rounds,
+            save_best_model=settings.save_best_model,
+            lock=lock,
+        )
+        strategy = CheckedStrategy(
+            inner,
+            client_manager=client_manager,
+            recorder=recorder,
+            aggregation=settings.aggregation,
+            trim_fraction=settings.trim_fraction,
+            krum_byzantine=settings.krum_byzantine,
+            privacy=privacy,
+            ledger=ledger,
+            noise=noise,
+        )
+        if saved:
+            strategy.resume(saved)
+    except BaseException:
+        lock.release()
+        raise
     config = ServerConfig(
         num_rounds=settings.num_server_rounds, round_timeout=settings.round_timeout
     )
     return ServerAppComponents(
         strategy=strategy, config=config, client_manager=client_manager
+    )
+
+
+def _writer(context: Context) -> str:
+    """Describe this ServerApp, for a second writer of its run folder to read."""
+    started = datetime.now().isoformat(" ", "seconds")
+    return (
+        f"the ServerApp of run {context.run_id} (process {os.getpid()} on "
+        f"{socket.gethostname()}, since {started})"
     )
 
 

@@ -40,11 +40,13 @@ from flower_tutorial.checks import (
     check_fit_report,
     check_secure_aggregate,
     check_update,
+    cut,
 )
 from flower_tutorial.client_manager import SeededClientManager
-from flower_tutorial.config import PrivacySettings
+from flower_tutorial.config import PrivacySettings, trimmed
 from flower_tutorial.differential_privacy import PrivacyLedger, ServerNoise
 from flower_tutorial.recording import RunRecorder
+from flower_tutorial.secure_aggregation import SecAggClientError
 
 Res = TypeVar("Res", FitRes, EvaluateRes)
 Failure = tuple[ClientProxy, FitRes | EvaluateRes] | BaseException
@@ -102,7 +104,8 @@ class CheckedStrategy(Strategy):
         self.last_round = recorder.num_rounds  # earlier, if the privacy budget ends
         self._sent: NDArrays = []  # the global model sent out for training
         self._asked = 0  # clients asked to train this round
-        self._fit_ended = True  # whether this round's training reached aggregate_fit
+        self._unsampled: list[str] = []  # nodes left out of this round's sample
+        self._evaluate_unsampled: list[str] = []  # ...and of its evaluation
         self._global: Parameters | None = None  # the model after this round
 
     def _log_privacy(self) -> None:
@@ -166,7 +169,7 @@ class CheckedStrategy(Strategy):
             server_round, parameters, client_manager
         )
         self._asked = len(instructions)
-        self._fit_ended = not instructions  # no one asked: Flower skips aggregate_fit
+        self._unsampled = self.client_manager.unsampled()
         if instructions and KEY_CLIPPING_NORM in instructions[0][1].config:
             # Public: the DP wrapper sends it to every client it asks.
             norm = instructions[0][1].config[KEY_CLIPPING_NORM]
@@ -201,11 +204,22 @@ class CheckedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Combine the sound updates; record the others with their reasons."""
-        self._fit_ended = True
         good, refused = self._sort_out("fit", server_round, results, self._check_fit)
-        reasons = _failed("fit", server_round, failures) + refused
-        reasons += _missing(self._asked, results, failures)
-        self.recorder.record(server_round, fit_clients=len(good), fit_failures=reasons)
+        # A client that failed only at unmasking: its update is in the sum.
+        summed = [f for f in failures if isinstance(f, SecAggClientError) and f.summed]
+        reasons = self._failed("fit", server_round, _without(failures, summed))
+        reasons += refused
+        # Never asked (they could not say who they are): no part of the round.
+        self.recorder.record(
+            server_round,
+            fit_clients=len(good),
+            fit_failures=self._unsampled + reasons,
+        )
+        if summed:
+            self.recorder.record(
+                server_round,
+                fit_unmasking_failures=[self._describe(f) for f in summed],
+            )
         if self.client_metrics:
             named = list(zip(self._organizations(good), good, strict=True))
             self.recorder.record(
@@ -215,7 +229,7 @@ class CheckedStrategy(Strategy):
                     name: res.metrics["train_loss"] for name, (_, res) in named
                 },
             )
-        self._end_if_none_left("fit", server_round, good, reasons)
+        self._end_if_none_left("fit", server_round, good, self._unsampled + reasons)
         if self.secure_aggregation:
             good = self._with_the_aggregate_as_sent(good)
         voided = self._why_void(good, reasons, refused)
@@ -270,6 +284,16 @@ class CheckedStrategy(Strategy):
             # The noise is calibrated to a mean over every client asked; a mean
             # over fewer would reveal more than the noise hides.
             return "central DP needs every client asked, and some were left out"
+        if self.aggregation == "trimmed-mean" and not trimmed(
+            self.trim_fraction, len(good)
+        ):
+            # Flower's trimmed mean would cut nothing: the plain mean, which one
+            # poisoned update moves as far as it likes.
+            return (
+                f"the trimmed mean of {len(good)} sound update(s) trims none at "
+                f"trim-fraction = {self.trim_fraction:g}: too few to resist a "
+                "poisoned one"
+            )
         if not self.secure_aggregation:
             return None
         if refused:
@@ -306,22 +330,31 @@ class CheckedStrategy(Strategy):
             good = [(proxy, replace(res, parameters=combined)) for proxy, res in good]
         return good
 
-    def _record_a_halted_fit(self, server_round: int) -> None:
-        """Record a round whose training never reached aggregate_fit.
+    def record_halted_fit(
+        self, server_round: int, failures: list[SecAggClientError]
+    ) -> None:
+        """Record a round whose secure sum was never unmasked: it changes nothing.
 
-        SecAgg+ halts a round (and never calls aggregate_fit) when a client leaves
-        between its stages and too few shares come back to unmask the sum. Both of
-        Flower's loops call configure_evaluate after every round's training.
+        SecAgg+ halts a round (and never calls aggregate_fit) when too few
+        clients, or too few of their shares, are left for its threshold
+        (`SecureFitWorkflow` calls this then). When every client asked failed
+        before its update was summed, the run ends, as in any round.
         """
-        if self._fit_ended:
-            return
-        self._fit_ended = True
+        summed = [f for f in failures if f.summed]
+        reasons = self._failed("fit", server_round, _without(failures, summed))
         why = (
-            "secure aggregation halted before the sum was unmasked: clients left "
-            "between its stages, or too few shares came back (see the log)"
+            f"secure aggregation halted before the sum was unmasked: "
+            f"{len(reasons)} of the {self._asked} clients asked failed before "
+            f"their update was summed, {len(summed)} at unmasking (fit_failures "
+            "says why); too few were left for secagg-reconstruction-threshold"
         )
+        self.recorder.record(
+            server_round, fit_clients=0, fit_failures=self._unsampled + reasons
+        )
+        if len(reasons) >= self._asked:
+            self._end_if_none_left("fit", server_round, [], self._unsampled + reasons)
         log(WARNING, "Round %s: no update, the model stays: %s", server_round, why)
-        self.recorder.record(server_round, fit_clients=0, fit_voided=why)
+        self.recorder.record(server_round, fit_voided=why)
 
     def evaluate(
         self, server_round: int, parameters: Parameters
@@ -345,7 +378,6 @@ class CheckedStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Ask clients to evaluate; without any (fraction-evaluate 0) the round ends."""
-        self._record_a_halted_fit(server_round)
         if self._done(server_round):
             return []
         self._global = parameters
@@ -354,6 +386,7 @@ class CheckedStrategy(Strategy):
             instructions = self.strategy.configure_evaluate(
                 server_round, parameters, client_manager
             )
+        self._evaluate_unsampled = self.client_manager.unsampled()
         if not instructions:  # Flower's loops then skip aggregate_evaluate
             self.recorder.end_round(server_round, parameters, self._resume_state())
         return instructions
@@ -368,7 +401,9 @@ class CheckedStrategy(Strategy):
         good, refused = self._sort_out(
             "evaluate", server_round, results, check_evaluation
         )
-        reasons = _failed("evaluate", server_round, failures) + refused
+        reasons = self._evaluate_unsampled
+        reasons += self._failed("evaluate", server_round, failures)
+        reasons += refused
         self.recorder.record(
             server_round, evaluate_clients=len(good), evaluate_failures=reasons
         )
@@ -395,7 +430,18 @@ class CheckedStrategy(Strategy):
         }
 
     def resume(self, saved: checkpoint.Checkpoint) -> None:
-        """Go on after the checkpoint's round, with every state it saved."""
+        """Go on after the checkpoint's round, with every state it saved.
+
+        Every state is checked first (`checkpoint.check_restorable`): a refused
+        checkpoint changes nothing.
+        """
+        checkpoint.check_restorable(
+            saved,
+            self.recorder.run_dir,
+            self.strategy,
+            accountant=self.ledger is not None,
+            noise_secret=self.noise is not None,
+        )
         self.first_round = saved.server_round + 1
         self.recorder.restore(saved.history, saved.server_round)
         checkpoint.restore_strategy_state(self.strategy, saved.strategy)
@@ -459,6 +505,34 @@ class CheckedStrategy(Strategy):
         partition_id = self.client_manager.partition_id(proxy.cid)
         return f"? (node {proxy.cid})" if partition_id is None else str(partition_id)
 
+    def _failed(
+        self, stage: str, server_round: int, failures: list[Failure]
+    ) -> list[str]:
+        """Return (and log) the reason of each client that failed."""
+        reasons = [self._describe(f) for f in failures]
+        for reason in reasons:
+            _log_left_out(stage, server_round, reason)
+        return reasons
+
+    def _describe(self, failure: Failure) -> str:
+        """Say why a client failed, in no more of its own words than `cut` allows.
+
+        Under SecAgg+ each failure names its client's partition and its stage.
+        """
+        if isinstance(failure, SecAggClientError):
+            proxy = self.client_manager.clients.get(str(failure.node_id))
+            name = self._name(proxy) if proxy else f"? (node {failure.node_id})"
+            return (
+                f"partition {name}, SecAgg+ stage {failure.stage}: {cut(str(failure))}"
+            )
+        if isinstance(failure, BaseException):
+            text = cut(f"{type(failure).__name__}: {failure}")
+            # Flower's words for a message whose TTL (the round-timeout) ran out.
+            if "expired due to its TTL" in text:
+                return f"no reply within round-timeout ({text})"
+            return text
+        return cut(failure[1].status.message)
+
     def _organizations(self, good: list[tuple[ClientProxy, FitRes]]) -> list[str]:
         """Name each result by its partition (and node, if two share a partition)."""
         names: list[str] = []
@@ -468,22 +542,9 @@ class CheckedStrategy(Strategy):
         return names
 
 
-def _missing(asked: int, results: list, failures: list) -> list[str]:
-    """Reasons for the clients asked that neither replied nor failed.
-
-    Flower's DefaultWorkflow (SecAgg+) stops waiting at round-timeout without a
-    word about who never replied; the legacy loop reports them as failures.
-    """
-    missing = asked - len(results) - len(failures)
-    return ["no reply within round-timeout"] * max(missing, 0)
-
-
-def _failed(stage: str, server_round: int, failures: list[Failure]) -> list[str]:
-    """Return (and log) the reason of each client that failed."""
-    reasons = [_describe(f) for f in failures]
-    for reason in reasons:
-        _log_left_out(stage, server_round, reason)
-    return reasons
+def _without(failures: list, these: list) -> list:
+    """Return `failures` without the (identical) objects in `these`."""
+    return [f for f in failures if not any(f is t for t in these)]
 
 
 def _log_left_out(stage: str, server_round: int, reason: str) -> None:
@@ -495,13 +556,3 @@ def _log_left_out(stage: str, server_round: int, reason: str) -> None:
 def _dp_covered(res: FitRes) -> dict[str, Scalar]:
     """Return the metrics of `res` that DP's analysis covers: the norm bit alone."""
     return {k: v for k, v in res.metrics.items() if k == KEY_NORM_BIT}
-
-
-def _describe(failure: Failure) -> str:
-    if isinstance(failure, BaseException):
-        text = f"{type(failure).__name__}: {failure}"
-        # Flower's words for a message whose TTL (the round-timeout) ran out.
-        if "expired due to its TTL" in text:
-            return f"no reply within round-timeout ({text})"
-        return text
-    return failure[1].status.message

@@ -121,6 +121,7 @@ DEPLOYMENT_FILES = ("tests/test_hosts.py", "tests/test_deployment.py")
 FIRST_FILES = (
     *DEPLOYMENT_FILES,
     "tests/test_runs.py",
+    "tests/test_flwr_run.py",
     "tests/test_resume.py",
     "tests/test_faults.py",
     "tests/test_simulation.py",
@@ -241,12 +242,16 @@ def run_config(cifar_dir: Path, tmp_path: Path) -> dict:
 
 
 def first_round_updates(
-    run_config: dict, partition_ids: Iterable[int], num_partitions: int
+    run_config: dict,
+    partition_ids: Iterable[int],
+    num_partitions: int,
+    start: list[np.ndarray] | None = None,
+    server_round: int = 1,
 ) -> list[tuple[list[np.ndarray], int]]:
-    """The round-1 updates (arrays, examples) of these partitions' clients.
+    """The updates (arrays, examples) of these partitions' clients in a round.
 
-    Trained here as each client would in a Ray worker with one CPU, from the
-    initial model that the server makes from the seed.
+    Trained here as each client would in a Ray worker with one CPU, from `start`
+    (by default the initial model that the server makes from the seed).
     """
     from flower_tutorial.client_app import FlowerClient
     from flower_tutorial.config import NodeSettings, RunSettings
@@ -254,7 +259,7 @@ def first_round_updates(
 
     settings = RunSettings.from_run_config(default_run_config() | run_config)
     set_seed(settings.seed)
-    initial = get_parameters(Net())
+    initial = get_parameters(Net()) if start is None else start
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -263,7 +268,7 @@ def first_round_updates(
             node = NodeSettings(partition_id=pid, num_partitions=num_partitions)
             train, val = load_data(pid, num_partitions, settings.data)
             client = FlowerClient(Net(), train, val, settings, node)
-            arrays, n, _ = client.fit(initial, {"server-round": 1})
+            arrays, n, _ = client.fit(initial, {"server-round": server_round})
             updates.append((arrays, n))
     finally:
         torch.set_num_threads(threads)

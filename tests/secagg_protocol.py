@@ -109,6 +109,7 @@ class RecordingGrid:
     but the server has it. `trainers` replace a client's training (by default
     `update_of` its node), and `unguarded` clients run Flower's `secaggplus_mod`
     alone, as a client of another build might, without the app's mods.
+    `crashes` makes a client fail at a stage.
     """
 
     contexts: dict[int, Context]
@@ -117,6 +118,7 @@ class RecordingGrid:
         default_factory=dict
     )
     unguarded: set[int] = field(default_factory=set)
+    crashes: dict[int, str] = field(default_factory=dict)  # node -> at which stage
     exchanges: list[tuple[Message, Message]] = field(default_factory=list)
 
     def send_and_receive(
@@ -138,6 +140,8 @@ class RecordingGrid:
         train = self.trainers.get(node_id, trains_to(update_of))
         mods = secaggplus_mod if node_id in self.unguarded else privacy_mod
         try:
+            if self.crashes.get(node_id) == _stage(msg):
+                raise RuntimeError(f"node {node_id} crashed")
             # A copy, as a message crosses the network: the mods change what they get.
             reply = mods(copy.deepcopy(msg), context, train)
         except Exception as ex:  # as the ClientApp turns it into an error reply

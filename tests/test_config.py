@@ -891,6 +891,28 @@ def test_a_threshold_of_half_the_shares_or_fewer_or_all_is_refused(shares, thres
     )
 
 
+@pytest.mark.parametrize(("fraction", "clients"), [(0.2, 4), (0.1, 9), (0.49, 2)])
+def test_a_trimmed_mean_that_trims_nothing_is_refused(fraction, clients):
+    config = default_run_config() | {
+        "aggregation": "trimmed-mean",
+        "trim-fraction": fraction,
+        "min-fit-clients": clients,
+        "min-available-clients": clients,
+    }
+    with pytest.raises(ValueError) as err:
+        RunSettings.from_run_config(config)
+    assert str(err.value) == (
+        f"run config key 'trim-fraction' = {fraction:g} is not allowed with "
+        f"aggregation = 'trimmed-mean' and min-fit-clients = {clients}: it trims "
+        f"int({fraction:g} * {clients}) = 0 updates at each end, which is the "
+        "plain mean. Train more clients a round (at least 1 / trim-fraction), or "
+        "trim a larger fraction."
+    )
+    # One client more trims one at each end.
+    settings = RunSettings.from_run_config(config | {"min-fit-clients": clients + 1})
+    assert settings.trim_fraction == fraction
+
+
 def test_a_threshold_count_needs_a_count_of_shares():
     with pytest.raises(ValueError) as err:
         RunSettings.from_run_config(_secagg(0.5, 3))

@@ -627,6 +627,47 @@ def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace(
             os.kill(stubborn.pid, signal.SIGKILL)
 
 
+# A process that starts another in a session of its own, as a SuperLink starts
+# its SuperExec, and dies: what it started must not escape `stop`.
+LEAVES_AN_ORPHAN = [
+    sys.executable,
+    "-c",
+    "import subprocess, sys\n"
+    "orphan = subprocess.Popen([sys.executable, '-c', 'import time; "
+    "time.sleep(60)'], start_new_session=True)\n"
+    "print('orphan', orphan.pid, flush=True)",
+]
+
+
+def test_stop_ends_what_a_dead_process_left_behind(tmp_path):
+    # As when a SuperLink is SIGKILLed: its ServerApp lives on, no longer its
+    # child, in no group of the deployment's. Its keeper adopted it.
+    dep = deployment.Deployment(tmp_path, "test", 9092, secure=False)
+    parent = dep.spawn("superlink", LEAVES_AN_ORPHAN)
+    _wait_for_log(tmp_path / "superlink.log", "orphan")
+    orphan = int((tmp_path / "superlink.log").read_text().split()[1])
+    try:
+        _wait(lambda: not parent.running())
+        info = deployment._proc_info(orphan)
+        assert info is not None and info.ppid == parent.keeper.pid  # adopted
+        assert info.pgid == orphan  # in a group of its own
+        deployment.stop(tmp_path)
+        assert deployment._proc_info(orphan) is None or not deployment._running(
+            orphan, info.start_time
+        )
+        _wait(lambda: not parent.keeper.running())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+
+
+def _wait(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.05)
+
+
 def test_stop_reports_the_pids_it_had_to_kill(tmp_path, monkeypatch):
     monkeypatch.setattr(deployment, "STOP_GRACE", 0.5)
     dep = deployment.Deployment(tmp_path, "test", 9092, secure=False)
@@ -695,7 +736,7 @@ def test_wait_for_port_wants_the_process_itself_listening(tmp_path, listener):
         deployment.wait_for_port(dep, "server", free, timeout=10.0)
     finally:
         os.kill(server.pid, signal.SIGKILL)
-        os.waitpid(server.pid, 0)
+        os.waitpid(server.keeper.pid, 0)  # which ends once its process has
 
 
 def test_a_process_that_finds_its_port_taken_is_told_apart(tmp_path, listener):
@@ -1106,13 +1147,31 @@ def test_spawn_defaults_give_way_to_the_callers_environment(
     code = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['PATH'])"
     argv = [sys.executable, "-c", code]
     record = dep.spawn("probe", argv, {"OMP_NUM_THREADS": "1"})
-    os.waitpid(record.pid, 0)
+    os.waitpid(record.keeper.pid, 0)  # which ends once its process has
     threads, path = (tmp_path / "probe.log").read_text().split(maxsplit=1)
     assert threads == expected
     # Flower's own commands are found in this environment first.
     assert path.startswith(str(Path(sys.executable).parent))
     state = json.loads((tmp_path / "deployment.json").read_text())
+    keeper = record.keeper
     assert state["processes"] == {
-        "probe": {"pid": record.pid, "start_time": record.start_time, "argv": argv}
+        "probe": {
+            "pid": record.pid,
+            "start_time": record.start_time,
+            "argv": argv,
+            "keeper": {
+                "pid": keeper.pid,
+                "start_time": keeper.start_time,
+                "argv": [
+                    sys.executable,
+                    "-m",
+                    deployment.KEEPER,
+                    keeper.argv[3],
+                    *argv,
+                ],
+                "keeper": None,
+            },
+        }
     }
+    assert deployment.Deployment.load(tmp_path).processes["probe"] == record
     assert state["boot_id"] == deployment._boot_id()

@@ -9,10 +9,10 @@ from conftest import first_round_updates, history_of, in_process, run_dir_of
 
 from flower_tutorial.task import Net, get_parameters
 
-# Partition -> how its client misbehaves: in `fit` (0-4), or in what it says
-# about itself (5-8, trained honestly); partitions 9 and 10 are sound.
+# Partition -> how its client misbehaves: in `fit` (1-4, 9-11), or in what it
+# says about itself (5-8, trained honestly); partitions 0 and 12 are sound.
 FAULTS = {
-    0: "raises",
+    11: "raises",
     1: "nan",
     2: "shape",
     3: "count",
@@ -21,13 +21,17 @@ FAULTS = {
     6: "huge num-partitions",
     7: "nan accuracy",
     8: "get_properties raises",
+    9: "a 10 MB status",
+    10: "a 10 MB metric",
 }
-NODES = 11
+NODES = 13
 NOT_SAMPLED = [5, 6, 8]  # they never said which partition they hold
-SOUND_UPDATES = [7, 9, 10]  # 7 lies only when it evaluates
+SOUND_UPDATES = [0, 7, 12]  # 7 lies only when it evaluates
+TEN_MB = 10_000_000
 
 FAULTY_CLIENT_FN = f"""
 import numpy as np
+from flwr.common import Code, FitRes, Parameters, Status
 from flower_tutorial.client_app import client_fn as app_client_fn
 
 FAULTS = {FAULTS!r}
@@ -51,6 +55,8 @@ def faulty_client_fn(context):
             arrays = arrays[:-1]
         if fault == "zero":
             num_examples = 0
+        if fault == "a 10 MB metric":
+            metrics["train_loss"] = "y" * {TEN_MB}
         return arrays, num_examples, metrics
 
     def evaluate(parameters, config):
@@ -70,7 +76,11 @@ def faulty_client_fn(context):
     numpy_client.fit = fit
     numpy_client.evaluate = evaluate if fault == "nan accuracy" else sound_evaluate
     numpy_client.get_properties = get_properties
-    return numpy_client.to_client()
+    client = numpy_client.to_client()
+    if fault == "a 10 MB status":  # a Client of its own, which sets its status
+        status = Status(Code.FIT_NOT_IMPLEMENTED, "x" * {TEN_MB})
+        client.fit = lambda ins: FitRes(status, Parameters([], ""), 0, {{}})
+    return client
 """
 
 
@@ -119,7 +129,7 @@ run_tutorial_simulation(num_supernodes={NODES}, run_config={run_config!r},
     assert len(history["nodes_left_out"]) == len(NOT_SAMPLED)
     for expected in (
         "partition-id = '5', expected an integer",
-        "num-partitions = 1000000000, but the other SuperNodes say 11",
+        f"num-partitions = 1000000000, but the other SuperNodes say {NODES}",
         "get_properties failed",
     ):
         assert expected in left_out
@@ -127,20 +137,27 @@ run_tutorial_simulation(num_supernodes={NODES}, run_config={run_config!r},
     round_1 = history["rounds"][1]
     assert sorted(int(k) for k in round_1["fit_examples"]) == SOUND_UPDATES
     reasons = " | ".join(round_1["fit_failures"])
-    assert len(round_1["fit_failures"]) == 5
+    # Every node was sampled: each that could not say who it is costs its place.
+    assert round_1["fit_failures"][:3] == history["nodes_left_out"]
+    assert len(round_1["fit_failures"]) == len(NOT_SAMPLED) + 7
     for expected in (
         "simulated crash",
         "partition 1: array 0 holds NaN",
         "partition 2: array 0 has shape (1, 3, 5, 5), expected (6, 3, 5, 5)",
         "partition 3: 9 arrays, expected 10",
         "partition 4: num_examples = 0",
+        "x" * 1000 + f"... ({TEN_MB:,} characters)",
+        f"partition 10: metric 'train_loss' = '{'y' * 100}'... ({TEN_MB:,} "
+        "characters), expected a finite number >= 0",
     ):
         assert expected in reasons
-    (evaluation,) = round_1["evaluate_failures"]
-    assert evaluation == (
+    assert round_1["evaluate_failures"] == history["nodes_left_out"] + [
         "partition 7: metric 'accuracy' = nan, expected a number in [0, 1]"
-    )
+    ]
     assert round_1["evaluate_clients"] == NODES - len(NOT_SAMPLED) - 1
+    # A client's text has no length limit; the log and history.json have one.
+    assert len((run_dir / "history.json").read_text()) < 50_000
+    assert max(len(line) for line in output.splitlines()) < 2_000
     assert 0 <= round_1["distributed_accuracy"] <= 1
     assert "a client was left out" in output  # and the log says so
     # The model is the example-weighted average of the sound updates, which differ

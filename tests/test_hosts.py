@@ -34,7 +34,6 @@ from pathlib import Path
 import pytest
 from conftest import (
     APP_DIR,
-    _live_descendants,
     _set_child_subreaper,
     assert_nothing_left,
     history_of,
@@ -400,10 +399,15 @@ def _each_logged_again(
     return all(n > b for n, b in zip(now, before, strict=True))
 
 
-def _serverapps() -> list[int]:
-    """The ServerApp processes this test's SuperLinks started (adopted or not)."""
-    running = _live_descendants(os.getpid())
-    return [pid for pid, name in running.items() if name == "flwr-serverapp"]
+def _tree(record: deployment.ProcessRecord) -> dict[tuple[int, int], list[str]]:
+    """{(PID, start time): argv} of a process's keeper and all below it, now."""
+    table = deployment._process_table()
+    below, stack = {}, [record.keeper.pid]
+    while stack:
+        pid = stack.pop()
+        below[(pid, table[pid].start_time)] = table[pid].argv
+        stack += [child for child, info in table.items() if info.ppid == pid]
+    return below
 
 
 def _run_ids(hosts: Hosts, dep: deployment.Deployment) -> dict[str, str]:
@@ -472,6 +476,9 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             assert back < NUM_ROUNDS, "no round left to kill the SuperLink in"
             reconnected = _times_logged(dep, RECONNECTED)
             failed = _times_logged(dep, FAILED_ATTEMPT)
+            # What the SuperLink runs, its ServerApp included, by PID.
+            tree = _tree(dep.processes["superlink"])
+            assert any("flwr-serverapp" in " ".join(argv) for argv in tree.values())
             # Mid-run: round back + 1 has started.
             os.kill(dep.processes["superlink"].pid, signal.SIGKILL)
             note("SuperLink killed in round", back + 1)
@@ -488,13 +495,13 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             # Its ServerApp exits once it notices (it watches its SuperExec, which
             # watches the SuperLink), unless its threads are still retrying pulls
             # from the SuperLink: then it lingers, and would join the restarted
-            # SuperLink and go on with the run. An operator stops it first.
-            with contextlib.suppress(AssertionError):
-                _wait("the ServerApp to exit", lambda: not _serverapps(), 20)
-            lingering = _serverapps()
-            for pid in lingering:
-                os.kill(pid, signal.SIGKILL)
-            note("ServerApps that lingered (killed)", lingering)
+            # SuperLink and write beside the resumed run. `stop` ends it: the
+            # SuperLink's keeper holds all it started.
+            lingering = [key for key in tree if deployment._running(*key)]
+            note("processes of the killed SuperLink left, its keeper's", lingering)
+            dep.stop(["superlink"])
+            left = {key: tree[key] for key in tree if deployment._running(*key)}
+            assert not left, f"stop left processes of the SuperLink: {left}"
             _start_superlink(hosts, dep, "superlink-restarted")
             note("SuperLink restarted")
             runs = _run_ids(hosts, dep)

@@ -402,6 +402,26 @@ def test_a_missing_norm_bit_leaves_its_client_out(tmp_path):
     assert strategy.strategy.clipping_norm == norm and strategy.ledger.epsilon == 0
 
 
+def test_a_node_that_cannot_say_who_it_is_does_not_void_a_central_dp_round(tmp_path):
+    # It is never asked: the noise is made for the three that are.
+    strategy = _central(tmp_path, "central-fixed", 3)
+    liar = _Proxy(3)
+    liar.get_properties = lambda *args, **kwargs: GetPropertiesRes(
+        OK, {"partition-id": "3", "num-partitions": 10}
+    )
+    strategy.client_manager.register(liar)
+    zeros = ndarrays_to_parameters([np.zeros(5, dtype=np.float32)])
+    assert len(strategy.configure_fit(1, zeros, strategy.client_manager)) == 3
+    assert strategy.strategy.num_sampled_clients == 3
+    updates = _updates(strategy, [[np.zeros(5, np.float32)]] * 3, {})
+    assert strategy.aggregate_fit(1, updates, [])[0] is not None
+    round_1 = strategy.recorder.rounds[1]
+    assert round_1["fit_failures"] == [
+        "node node-3 left out: partition-id = '3', expected an integer"
+    ]
+    assert "fit_voided" not in round_1 and round_1["epsilon"] > 0
+
+
 def test_epsilon_grows_and_is_dp_accountings_own():
     privacy = _privacy(dp="local").privacy
     ledger = PrivacyLedger(privacy, release=LocalRelease(privacy))

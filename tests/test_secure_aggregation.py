@@ -87,6 +87,12 @@ def _model(context) -> list[np.ndarray]:
     return parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, True))
 
 
+def _assert_unchanged(context, before: list[np.ndarray]) -> None:
+    """The round left the global model as it was, to the bit."""
+    for got, want in zip(_model(context), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def _nan_for(node_id: int):
     """A training that diverges on `node_id`: NaN weights, NaN loss."""
 
@@ -124,8 +130,11 @@ def test_a_client_whose_training_diverged_refuses_and_the_round_goes_on(
     workflow(grid, context)
     round_1 = strategy.recorder.rounds[1]
     assert round_1["fit_clients"] == NUM_NODES - 1
-    (reason,) = set(round_1["fit_failures"])
-    assert "refused to submit its update: array 0 holds NaN" in reason
+    (reason,) = round_1["fit_failures"]  # once, named by partition and stage
+    assert reason.startswith(
+        "partition 1, SecAgg+ stage collect_masked_vectors: ValueError: refused to "
+        "submit its update: array 0 holds NaN"
+    )
     assert "fit_voided" not in round_1
     _assert_secure_mean(context, [1, 3, 4])
 
@@ -135,7 +144,8 @@ def test_a_client_beyond_the_clipping_range_refuses(cifar_dir, tmp_path):
     grid, context, strategy, workflow = _checked_run(cifar_dir, tmp_path)
     grid.trainers[4] = trains_to(lambda nid: [10 * a for a in update_of(nid)])
     workflow(grid, context)
-    (reason,) = set(strategy.recorder.rounds[1]["fit_failures"])
+    (reason,) = strategy.recorder.rounds[1]["fit_failures"]
+    assert reason.startswith("partition 3, SecAgg+ stage collect_masked_vectors:")
     assert "beyond secagg-clipping-range = 8, where secure aggregation" in reason
     _assert_secure_mean(context, [1, 2, 3])
 
@@ -156,8 +166,7 @@ def test_a_nan_that_reaches_the_sum_leaves_the_model_and_voids_the_round(
         "the secure aggregate is unsound: array 0 holds"
     )
     assert "beyond secagg-clipping-range = 8" in round_1["fit_voided"]
-    for got, want in zip(_model(context), before, strict=True):
-        np.testing.assert_array_equal(got, want)
+    _assert_unchanged(context, before)
 
 
 def test_a_report_refused_after_the_sum_voids_the_round(cifar_dir, tmp_path):
@@ -175,8 +184,7 @@ def test_a_report_refused_after_the_sum_voids_the_round(cifar_dir, tmp_path):
         "the secure sum includes 1 update(s) whose report was refused (the first: "
         "partition 2: metric 'train_loss' = nan, expected a finite number >= 0)"
     )
-    for got, want in zip(_model(context), before, strict=True):
-        np.testing.assert_array_equal(got, want)
+    _assert_unchanged(context, before)
 
 
 def test_a_sound_round_gives_the_mean(cifar_dir, tmp_path):
@@ -211,3 +219,67 @@ def test_a_client_refuses_an_unmasking_request_no_honest_server_sends(
     assert configs[Key.STAGE] == Stage.UNMASK
     assert reply.has_error()
     assert re.search(why, reply.error.reason)
+
+
+def test_a_client_that_fails_at_unmasking_is_in_the_sum_and_said_so(
+    cifar_dir, tmp_path
+):
+    # Client 2 sends its masked update, then crashes before it hands out its
+    # shares: the others' shares unmask the sum, which holds its update.
+    grid, context, strategy, workflow = _checked_run(cifar_dir, tmp_path)
+    grid.crashes[2] = Stage.UNMASK
+    workflow(grid, context)
+    round_1 = strategy.recorder.rounds[1]
+    assert (round_1["fit_clients"], round_1["fit_failures"]) == (NUM_NODES, [])
+    (reason,) = round_1["fit_unmasking_failures"]
+    assert reason == ("partition 1, SecAgg+ stage unmask: RuntimeError: node 2 crashed")
+    _assert_secure_mean(context, [1, 2, 3, 4])
+
+
+def test_a_client_silent_in_a_stage_is_a_failure_of_its_own(cifar_dir, tmp_path):
+    # Client 4's masked update never comes: Flower's workflow says nothing of
+    # it, and the round's record does.
+    grid, context, strategy, workflow = _checked_run(cifar_dir, tmp_path)
+    grid.late = {4}
+    workflow(grid, context)
+    round_1 = strategy.recorder.rounds[1]
+    assert round_1["fit_clients"] == NUM_NODES - 1
+    assert round_1["fit_failures"] == [
+        "partition 3, SecAgg+ stage collect_masked_vectors: no reply within "
+        "round-timeout (SecAgg+ stage collect_masked_vectors)"
+    ]
+    _assert_secure_mean(context, [1, 2, 3])
+
+
+def test_a_round_with_too_few_clients_left_is_voided_and_the_run_goes_on(
+    cifar_dir, tmp_path
+):
+    # Threshold 3 of 4 (0.7): two crashes leave two, too few to unmask.
+    grid, context, strategy, workflow = _checked_run(cifar_dir, tmp_path)
+    grid.crashes = {1: Stage.SHARE_KEYS, 3: Stage.SHARE_KEYS}
+    before = _model(context)
+    workflow(grid, context)
+    round_1 = strategy.recorder.rounds[1]
+    assert round_1["fit_clients"] == 0
+    assert round_1["fit_failures"] == [
+        "partition 0, SecAgg+ stage share_keys: RuntimeError: node 1 crashed",
+        "partition 2, SecAgg+ stage share_keys: RuntimeError: node 3 crashed",
+    ]
+    assert round_1["fit_voided"].startswith(
+        "secure aggregation halted before the sum was unmasked: 2 of the 4 "
+        "clients asked failed"
+    )
+    _assert_unchanged(context, before)
+
+
+def test_a_round_in_which_every_client_refused_ends_the_run(cifar_dir, tmp_path):
+    grid, context, strategy, workflow = _checked_run(cifar_dir, tmp_path)
+    for nid in range(1, NUM_NODES + 1):
+        grid.trainers[nid] = trains_to(lambda n: [a * 100 for a in update_of(n)])
+    with pytest.raises(RuntimeError) as ended:
+        workflow(grid, context)
+    assert str(ended.value).startswith(
+        "All 4 clients failed in round 1 (fit); the first said: partition 0, "
+        "SecAgg+ stage collect_masked_vectors: ValueError: refused to submit its "
+        "update: array 0 holds"
+    )

@@ -16,6 +16,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
@@ -28,6 +29,7 @@ from flower_tutorial.aggregation import robust_combination
 from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import RunSettings
 from flower_tutorial.recording import RunRecorder
+from flower_tutorial.secure_aggregation import SecAggClientError
 from flower_tutorial.strategy import CheckedStrategy
 
 SIZE = 50  # one array of 50 floats: the model of these tests
@@ -155,6 +157,23 @@ def test_trimmed_mean_loses_two_poisoned_updates_of_ten(tmp_path):
         tmp_path / "b", "trimmed-mean", [*clean, *poisoned], trim_fraction=0.1
     )
     assert kept.min() > 100
+
+
+def test_a_trimmed_mean_of_too_few_updates_voids_the_round(tmp_path):
+    # At trim-fraction 0.2, four sound updates trim int(0.8) = 0 from each end:
+    # Flower's trimmed mean is then the plain mean, 250000.75 with one outlier
+    # of 1e6. The round changes nothing instead, and says why.
+    strategy = _strategy(tmp_path, 5, aggregation="trimmed-mean")
+    arrays = [np.full(SIZE, v, np.float32) for v in (1.0, 1.0, 2.0, 1e6)]
+    unsound = np.full(SIZE, np.nan, np.float32)  # the fifth, left out
+    assert strategy.aggregate_fit(1, _results(strategy, [*arrays, unsound]), []) == (
+        None,
+        {},
+    )
+    assert strategy.recorder.rounds[1]["fit_voided"] == (
+        "the trimmed mean of 4 sound update(s) trims none at trim-fraction = 0.2: "
+        "too few to resist a poisoned one"
+    )
 
 
 def test_krum_returns_exactly_one_clean_update(tmp_path):
@@ -295,19 +314,25 @@ def test_a_round_in_which_no_result_came_in_time_ends_the_run(tmp_path):
         strategy.aggregate_fit(3, [], [expired, expired])
 
 
-def test_a_round_whose_training_never_reached_aggregation_is_recorded(tmp_path):
-    # SecAgg+ halts a round without calling aggregate_fit; the round goes on to
-    # evaluation with the model unchanged, and the record says why.
-    strategy = _strategy(tmp_path, 3)  # round 1 was configured
-    assert strategy.configure_evaluate(1, _sent(), strategy.client_manager)
+def test_a_halted_secure_round_is_voided_unless_every_client_failed(tmp_path):
+    # SecAgg+ halts a round without calling aggregate_fit; its workflow hands
+    # the round's failures over. A client that failed at unmasking had its
+    # update summed: it does not count toward "every client failed".
+    strategy = _strategy(tmp_path, 3, secure_aggregation=True)
+    nodes = list(strategy.client_manager.clients)
+    crashed = [SecAggClientError(nodes[0], Stage.SHARE_KEYS, "crashed")]
+    late = SecAggClientError(nodes[1], Stage.UNMASK, "gone")
+    strategy.record_halted_fit(1, [*crashed, late])
     record = strategy.recorder.rounds[1]
     assert record["fit_clients"] == 0
-    assert record["fit_voided"].startswith("secure aggregation halted")
-    # A round whose training was aggregated records no such thing.
-    strategy.configure_fit(2, _sent(), strategy.client_manager)
-    strategy.aggregate_fit(2, _results(strategy, [np.ones(SIZE, np.float32)] * 3), [])
-    strategy.configure_evaluate(2, _sent(), strategy.client_manager)
-    assert "fit_voided" not in strategy.recorder.rounds[2]
+    assert record["fit_failures"] == ["partition 0, SecAgg+ stage share_keys: crashed"]
+    assert record["fit_voided"].startswith(
+        "secure aggregation halted before the sum was unmasked: 1 of the 3 "
+        "clients asked failed before their update was summed, 1 at unmasking"
+    )
+    every = [SecAggClientError(n, Stage.SETUP, "no keys") for n in nodes]
+    with pytest.raises(RuntimeError, match=r"All 3 clients failed in round 1"):
+        strategy.record_halted_fit(1, every)
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,8 @@ from flwr.supercore.utils import get_flwr_home
 from flower_tutorial.deployment import security
 
 STATE_FILE = "deployment.json"
+# What runs each process, and adopts what it leaves behind (keeper.py).
+KEEPER = "flower_tutorial.deployment.keeper"
 LOCK_FILE = "deployment.lock"
 # The SuperLink's state (registered SuperNodes, runs): in a file, it survives a
 # restart of the SuperLink (docs/reliability.md, "SuperLink restart").
@@ -169,11 +171,27 @@ def _runs_flower(cmdline: Sequence[str]) -> bool:
 
 @dataclass(frozen=True)
 class ProcessRecord:
-    """A process `start` launched: enough to tell it from a later one with its PID."""
+    """A process `start` launched: enough to tell it from a later one with its PID.
+
+    `keeper` is the process that runs it and adopts what it leaves behind
+    (keeper.py): stopping it stops all it started, also after it died.
+    """
 
     pid: int
     start_time: int
     argv: tuple[str, ...]
+    keeper: ProcessRecord | None = None
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ProcessRecord:
+        """Read a record that `asdict` wrote."""
+        keeper = saved.get("keeper")
+        return cls(
+            saved["pid"],
+            saved["start_time"],
+            tuple(saved["argv"]),
+            None if keeper is None else cls.from_dict(keeper),
+        )
 
     def running(self) -> bool:
         """Whether this process (not merely its PID) still runs."""
@@ -366,7 +384,7 @@ class Deployment:
             security.check_owned(directory, private=False)
             state = json.loads(security.read_owned(path, private=False))
             processes = {
-                name: ProcessRecord(p["pid"], p["start_time"], tuple(p["argv"]))
+                name: ProcessRecord.from_dict(p)
                 for name, p in state.pop("processes").items()
             }
             state |= {"directory": directory.resolve(), "processes": processes}
@@ -386,9 +404,13 @@ class Deployment:
     def spawn(
         self, name: str, argv: Sequence[str], defaults: dict[str, str] | None = None
     ) -> ProcessRecord:
-        """Start `argv` in its own session, logging to <name>.log; record it.
+        """Start `argv` under a keeper, logging to <name>.log; record both.
 
-        `defaults` are environment variables the caller's environment may override.
+        The keeper (keeper.py) runs in a session of its own, apart from the
+        caller's (Ctrl-C in the terminal that ran `start` does not reach it), and
+        adopts whatever `argv`'s process leaves behind when it dies: a SuperLink's
+        ServerApp, a SuperNode's SuperExec. `defaults` are environment variables
+        the caller's environment may override.
         """
         # The installed environment is the app's: no per-run `uv sync` (offline).
         env = {"FLWR_TELEMETRY_ENABLED": "0", **(defaults or {})} | dict(os.environ)
@@ -400,20 +422,39 @@ class Deployment:
         log_fd = security.open_nofollow(
             self.directory / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         )
-        with os.fdopen(log_fd, "wb") as log:
-            proc = subprocess.Popen(
-                list(argv),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                # Its own process group, apart from the caller's (Ctrl-C in the
-                # terminal that ran `start` does not reach it).
-                start_new_session=True,
+        report, reported = os.pipe()
+        keeper_argv = [sys.executable, "-m", KEEPER, str(reported), *argv]
+        try:
+            with os.fdopen(log_fd, "wb") as log:
+                proc = subprocess.Popen(
+                    keeper_argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=(reported,),
+                )
+            os.close(reported)
+            with os.fdopen(report) as pid_line:
+                line = pid_line.readline()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(reported)
+            raise
+        keeper_info = _proc_info(proc.pid)
+        assert keeper_info is not None  # our child, not reaped: /proc has it
+        keeper = ProcessRecord(proc.pid, keeper_info.start_time, tuple(keeper_argv))
+        if not line.strip().isdigit():  # it could not start argv
+            proc.wait()
+            raise OSError(
+                f"could not start {argv[0]!r} ({name}.log: {self.log_tail(name, 3)})"
             )
-        info = _proc_info(proc.pid)
-        assert info is not None  # our child, not reaped: /proc has it until then
-        record = ProcessRecord(proc.pid, info.start_time, tuple(argv))
+        pid = int(line)
+        info = _proc_info(pid)
+        # Gone already (a start that failed at once): its log says why.
+        start_time = info.start_time if info else keeper_info.start_time
+        record = ProcessRecord(pid, start_time, tuple(argv), keeper)
         self.processes[name] = record
         self.save()
         return record
@@ -434,6 +475,10 @@ class Deployment:
         """
         chosen = [n for n in self.processes if names is None or n in names]
         records = [self.processes[n] for n in chosen]
+        # A keeper holds what its process left behind; it waits for all of it to
+        # end, so it is not counted among the processes that had to be killed.
+        keepers = [r.keeper for r in records if r.keeper is not None]
+        records += keepers
         killed: list[int] = []
         # A process that one being stopped starts meanwhile (a SuperExec starts a
         # ClientApp per message) is in no tree pinned before, but in a group seen.
@@ -446,7 +491,8 @@ class Deployment:
         for name in chosen:
             del self.processes[name]
         self.save()
-        return killed
+        keeper_pids = {k.pid for k in keepers}
+        return [pid for pid in killed if pid not in keeper_pids]
 
     def add_connection(self) -> None:
         """Add (or replace) the deployment's connection in the Flower Configuration."""
