@@ -7,22 +7,18 @@ place: every round goes on with the nine others.
 """
 
 import json
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import APP_DIR, _live_descendants, first_round_updates, run_dir_of
+from conftest import APP_DIR, first_round_updates, run_dir_of
+from flwr_cli import flwr_run_argv, local_superlink
 
-from flower_tutorial.deployment import local as deployment
 from flower_tutorial.task import Net, get_parameters
 
 NODES = 10
 LIAR = 3
-FLWR = deployment._bin("flwr")
 LIE = f"""
 
 # A hostile organization: partition {LIAR} gives its partition ID as text.
@@ -55,52 +51,23 @@ def _lying_app(tmp_path: Path) -> Path:
     return app
 
 
-def _stop_local_superlink(port: int) -> None:
-    """Stop, by PID, the SuperLink `flwr run` started on `port` (it outlives it)."""
-    for pid, command in _live_descendants(os.getpid()).items():
-        if "flower-superlink" in command and f"--port {port}" in command:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while deployment._proc_info(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-
-
 def test_one_hostile_organization_of_ten_costs_only_its_place(
     run_python, cifar_dir, tmp_path
 ):
     app, out = _lying_app(tmp_path), tmp_path / "out"
-    port, control = deployment.free_port(), deployment.free_port()
-    env = os.environ | {
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
-        # The app runs in this environment, offline: no per-run `uv sync`.
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    }
     overrides = (
         f"dataset='{cifar_dir}' output-dir='{out}' num-server-rounds=2 batch-size=16"
     )
     # From the app's folder, as a user runs it: Ray's workers start in the
     # driver's folder, and import the app from there.
-    command = [
-        FLWR,
-        "run",
-        ".",
-        "--stream",
-        "--run-config",
-        overrides,
-        "--federation-config",
-        f"num-supernodes={NODES} client-resources-num-cpus=1",
-    ]
-    code = (
-        "import subprocess, sys\n"
-        f"done = subprocess.run({command!r}, env={env!r}, cwd={str(app)!r})\n"
-        "sys.exit(done.returncode)\n"
-    )
-    try:
+    with local_superlink(tmp_path / "flwr-home") as env:
+        code = (
+            "import subprocess, sys\n"
+            f"done = subprocess.run({flwr_run_argv(overrides, NODES)!r}, "
+            f"env={env!r}, cwd={str(app)!r})\n"
+            "sys.exit(done.returncode)\n"
+        )
         exit_code, output = run_python(code, timeout=420)
-    finally:
-        _stop_local_superlink(port)
     assert exit_code == 0, output[-4000:]  # and `flwr run` exits 0 when a run fails:
     history = json.loads((run_dir_of(out) / "history.json").read_text())
     rounds = history["rounds"]

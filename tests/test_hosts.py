@@ -20,15 +20,12 @@ against real SuperLink and SuperNode processes.
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -39,12 +36,12 @@ from conftest import (
     history_of,
     run_dir_of,
 )
+from netns import Hosts, address, ip, namespaces
 
 from flower_tutorial.deployment import local as deployment
 from flower_tutorial.deployment import security
 
 FLWR = deployment._bin("flwr")
-SUBNET = "10.213.7"  # inside the test's namespaces only: no route leads there
 SUPERLINK_HOST = "superlink.test"
 SUPERLINK_PORT = 9092  # the SuperLink's namespace is its own: any port is free
 SUPERNODE_PORT = 9094  # likewise, each SuperNode's
@@ -53,7 +50,6 @@ NUM_NODES = 2
 # may span several of the short rounds that one node trains alone.
 NUM_ROUNDS = 7
 CUT = 1  # the SuperNode whose link is cut: it holds partition 1
-ETC_NETNS = Path("/etc/netns")
 # What each wait may take at most. A round with both nodes took 30-90 s on 2
 # cores that a benchmark shared: a ClientApp process per message, importing
 # PyTorch.
@@ -69,134 +65,17 @@ FAILED_ATTEMPT = "Connection attempt failed"
 RECONNECTED = "Connection successful after"
 
 
-@dataclass
-class Hosts:
-    """The namespaces the test made, named from `prefix`, and their hosts files."""
-
-    prefix: str
-    namespaces: list[str] = field(default_factory=list)
-    made_etc_netns: bool = False
-
-    @property
-    def superlink(self) -> str:
-        """The SuperLink's namespace: it holds the bridge, and runs `flwr`."""
-        return f"{self.prefix}-sl"
-
-    def node(self, i: int) -> str:
-        """SuperNode `i`'s namespace."""
-        return f"{self.prefix}-n{i}"
-
-    @staticmethod
-    def link(i: int) -> str:
-        """The bridge's end of SuperNode `i`'s link, in the SuperLink's namespace."""
-        return f"vn{i}"
-
-    @staticmethod
-    def exec(namespace: str, argv: list[str]) -> list[str]:
-        """Return `argv` run in `namespace` (with its hosts file as /etc/hosts)."""
-        return ["ip", "netns", "exec", namespace, *argv]
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-def _why_no_namespaces() -> str | None:
-    """Return why this machine cannot run the test, or None if it can."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux's"
-    if os.geteuid() != 0:
-        return "network namespaces and /etc/netns/ need root"
-    if shutil.which("ip") is None:
-        return "`ip` (iproute2) is not installed"
-    probe = f"flt-probe-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if done.returncode != 0:
-        return f"`ip netns add` failed: {done.stderr.strip()}"
-    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
-    return None
-
-
-def _address(i: int | None) -> str:
-    """The SuperLink's address (None) or SuperNode `i`'s."""
-    return f"{SUBNET}.1" if i is None else f"{SUBNET}.{10 + i}"
-
-
-def _hosts_file() -> str:
-    """The names of the federation's hosts, as every namespace sees them."""
-    lines = ["127.0.0.1 localhost", f"{_address(None)} {SUPERLINK_HOST}"]
-    lines += [f"{_address(i)} node-{i}.test" for i in range(NUM_NODES)]
-    return "\n".join(lines) + "\n"
-
-
-def _add_namespace(hosts: Hosts, name: str) -> None:
-    """Add namespace `name` with loopback up and the federation's hosts file."""
-    if not ETC_NETNS.exists():
-        ETC_NETNS.mkdir(mode=0o755)
-        hosts.made_etc_netns = True
-    _ip("netns", "add", name)
-    hosts.namespaces.append(name)
-    (ETC_NETNS / name).mkdir(mode=0o755)
-    (ETC_NETNS / name / "hosts").write_text(_hosts_file())
-    _ip("-n", name, "link", "set", "lo", "up")
-
-
-def _build(hosts: Hosts) -> None:
-    """Make the SuperLink's namespace with a bridge, and a linked one per node."""
-    sl = hosts.superlink
-    _add_namespace(hosts, sl)
-    _ip("-n", sl, "link", "add", "br0", "type", "bridge")
-    _ip("-n", sl, "addr", "add", f"{_address(None)}/24", "dev", "br0")
-    _ip("-n", sl, "link", "set", "br0", "up")
-    for i in range(NUM_NODES):
-        node = hosts.node(i)
-        _add_namespace(hosts, node)
-        # A veth pair: one end on the bridge, the other the node's eth0.
-        link = hosts.link(i)
-        _ip(
-            *("-n", sl, "link", "add", link, "type", "veth"),
-            *("peer", "name", "eth0", "netns", node),
-        )
-        _ip("-n", sl, "link", "set", link, "master", "br0", "up")
-        _ip("-n", node, "addr", "add", f"{_address(i)}/24", "dev", "eth0")
-        _ip("-n", node, "link", "set", "eth0", "up")
-
-
-def _remove(hosts: Hosts) -> None:
-    """Delete the namespaces (their links go with them) and their hosts files."""
-    for name in reversed(hosts.namespaces):
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-        shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
-    if hosts.made_etc_netns:
-        with contextlib.suppress(OSError):  # not empty: someone else's now
-            ETC_NETNS.rmdir()
-
-
-def _namespaces(prefix: str) -> list[str]:
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    return [line for line in listed.stdout.splitlines() if line.startswith(prefix)]
-
-
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
     """The SuperLink's and SuperNodes' namespaces; removed again, also on failure."""
-    why = _why_no_namespaces()
-    if why is not None:
-        pytest.skip(why)
-    made = Hosts(prefix=f"flt{uuid.uuid4().hex[:6]}")
-    try:
-        _build(made)
+    with namespaces(NUM_NODES, SUPERLINK_HOST) as made:
         yield made
-    finally:
-        _remove(made)
-    assert not _namespaces(made.prefix), "namespaces left behind"
-    assert not any((ETC_NETNS / name).exists() for name in made.namespaces)
 
 
 def _flwr(hosts: Hosts, *args: str, timeout: float = 60) -> str:
     """Run `flwr` on the SuperLink's host; return its output."""
     done = subprocess.run(
-        hosts.exec(hosts.superlink, [FLWR, *args]),
+        hosts.exec(hosts.hub, [FLWR, *args]),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -224,9 +103,7 @@ def _wait(what: str, ready: Callable[[], object], timeout: float = WAIT) -> obje
 
 def _start_superlink(hosts: Hosts, dep: deployment.Deployment, name: str) -> None:
     """Start the SuperLink (on the deployment's database) and wait until it serves."""
-    record = dep.spawn(
-        name, hosts.exec(hosts.superlink, deployment.superlink_argv(dep))
-    )
+    record = dep.spawn(name, hosts.exec(hosts.hub, deployment.superlink_argv(dep)))
 
     def serving() -> bool:
         assert record.running(), f"{name} exited:\n{dep.log_tail(name)}"
@@ -296,7 +173,7 @@ def _tls_by_name(hosts: Hosts, dep: deployment.Deployment) -> list[str]:
         "import socket, ssl, sys\n"
         "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
         "for name in sys.argv[2:]:\n"
-        f"    raw = socket.create_connection(({_address(None)!r}, {SUPERLINK_PORT}))\n"
+        f"    raw = socket.create_connection(({address(None)!r}, {SUPERLINK_PORT}))\n"
         "    try:\n"
         "        ctx.wrap_socket(raw, server_hostname=name).close()\n"
         "        print(name, 'verified')\n"
@@ -304,7 +181,7 @@ def _tls_by_name(hosts: Hosts, dep: deployment.Deployment) -> list[str]:
         "        print(name, 'refused:', ex.verify_message)\n"
     )
     ca = str(security.tls_files(dep.certs).ca_cert)
-    argv = [sys.executable, "-c", code, ca, SUPERLINK_HOST, _address(None)]
+    argv = [sys.executable, "-c", code, ca, SUPERLINK_HOST, address(None)]
     done = subprocess.run(
         hosts.exec(hosts.node(0), argv), capture_output=True, text=True, timeout=60
     )
@@ -343,7 +220,7 @@ def _start_run(
     argv = [FLWR, "run", str(APP_DIR), dep.connection, "--stream"]
     with open(log, "w") as out:
         return subprocess.Popen(
-            hosts.exec(hosts.superlink, [*argv, "--run-config", overrides]),
+            hosts.exec(hosts.hub, [*argv, "--run-config", overrides]),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -428,7 +305,7 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
     dep = federation
     tls = _tls_by_name(hosts, dep)
     assert tls[0] == f"{SUPERLINK_HOST} verified", tls
-    assert tls[1].startswith(f"{_address(None)} refused: "), tls
+    assert tls[1].startswith(f"{address(None)} refused: "), tls
     _wait(
         "both SuperNodes online",
         lambda: list(_online(hosts, dep).values()) == ["online"] * NUM_NODES,
@@ -461,10 +338,10 @@ def test_a_run_across_hosts_survives_a_cut_link_and_a_superlink_restart(
             # Cut once node 1 has said which partition it holds and trained.
             log = tmp_path / "run-1.log"
             _wait_rounds(out, run, log, lambda r: r["round"] == 1)
-            _ip("-n", hosts.superlink, "link", "set", hosts.link(CUT), "down")
+            ip("-n", hosts.hub, "link", "set", hosts.link(CUT), "down")
             note("link cut after round", 1)
             _wait_rounds(out, run, log, lambda r: r["round"] == 2)
-            _ip("-n", hosts.superlink, "link", "set", hosts.link(CUT), "up")
+            ip("-n", hosts.hub, "link", "set", hosts.link(CUT), "up")
             note("link restored after round", 2)
             (back, *_) = _wait_rounds(
                 out,
