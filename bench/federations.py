@@ -29,7 +29,43 @@ def run_federation(run_config: dict[str, Any]) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"the run failed:\n{done.stderr[-3000:]}")
     run_dir = Path(done.stdout.strip().splitlines()[-1])
-    return json.loads((run_dir / "history.json").read_text())
+    return _history(run_dir)
+
+
+def _history(run_dir: Path) -> dict:
+    """Return a run's history.json, and where its folder is ("run_dir")."""
+    return json.loads((run_dir / "history.json").read_text()) | {
+        "run_dir": str(run_dir)
+    }
+
+
+# Each configuration runs with these seeds: the spread they give is what a
+# difference between two configurations has to beat.
+SEEDS = (42, 43, 44)
+
+
+def with_seeds(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return each run once per seed of SEEDS, named "<name>, seed <seed>"."""
+    return {
+        f"{name}, seed {seed}": overrides | {"seed": seed}
+        for name, overrides in runs.items()
+        for seed in SEEDS
+    }
+
+
+def by_configuration(histories: dict[str, dict]) -> dict[str, list[dict]]:
+    """Group histories named by `with_seeds` into their configuration's runs."""
+    grouped: dict[str, list[dict]] = {}
+    for name, history in histories.items():
+        grouped.setdefault(name.rsplit(", seed ", 1)[0], []).append(history)
+    return grouped
+
+
+def spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """Return "mean (min-max)" of `values`, times `scale` (percent by default)."""
+    shown = [v * scale for v in values]
+    mean = sum(shown) / len(shown)
+    return f"{mean:.{digits}f} ({min(shown):.{digits}f}-{max(shown):.{digits}f})"
 
 
 def later_mean(seconds: list[float]) -> float:
@@ -54,7 +90,7 @@ def finished_run(output_dir: Path, run_config: dict[str, Any]) -> dict | None:
     for run_dir in sorted(output_dir.glob("*/")):
         if not (run_dir / "final_model.pt").is_file():
             continue
-        history = json.loads((run_dir / "history.json").read_text())
+        history = _history(run_dir)
         saved = history["run_config"]
         if all(saved.get(k) == v for k, v in run_config.items() if k != "output-dir"):
             return history

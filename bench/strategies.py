@@ -8,8 +8,10 @@ client) for 10 rounds on a Dirichlet(0.3) split with each strategy (FedProx's mu
 and FedAdagrad's server learning rate swept), plus FedAvg on the IID split as the
 reference. Each run is an ordinary run of the app (its folder, history.json and
 TensorBoard events go to --output-dir); a run that already finished there is not
-run again. The table and plot go to docs/strategies.md and docs/strategies.png.
-Takes about an hour on 2 cores.
+run again. Each configuration runs with three seeds (which also draw the
+Dirichlet split): the table gives each one's mean and spread. The table and plot
+go to docs/strategies.md and docs/strategies.png. Takes about three hours on 2
+cores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import federations  # bench/
-from federations import write_between_markers
+from federations import (
+    SEEDS,
+    by_configuration,
+    spread,
+    with_seeds,
+    write_between_markers,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 10
@@ -41,27 +49,36 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 
+def _accuracy(history: dict[str, Any], server_round: int) -> float:
+    return history["rounds"][server_round]["centralized_accuracy"]
+
+
 def write_report(histories: dict[str, dict[str, Any]]) -> None:
-    """Write the table into docs/strategies.md and the plot, docs/strategies.png."""
+    """Write the table into docs/strategies.md and the plot, docs/strategies.png.
+
+    Each cell is the mean over the seeds and, in brackets, their lowest and
+    highest.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reference = histories["fedavg (IID reference)"]["rounds"][-1]
+    runs = by_configuration(histories)
+    reference = runs["fedavg (IID reference)"]
+    iid_mean = sum(_accuracy(h, ROUNDS) for h in reference) / len(reference)
     rows = []
-    for name, history in histories.items():
-        curve = [r["centralized_accuracy"] for r in history["rounds"]]
-        last = history["rounds"][-1]
-        gap = reference["centralized_accuracy"] - last["centralized_accuracy"]
+    for name, seeds in runs.items():
         rows.append(
-            f"| {name} | {curve[5]:.1%} | **{curve[-1]:.1%}** | {max(curve):.1%} "
-            f"| {last['centralized_loss']:.3f} | {gap * 100:+.1f} |"
+            f"| {name} | {spread([_accuracy(h, 5) for h in seeds])} "
+            f"| **{spread([_accuracy(h, ROUNDS) for h in seeds])}** "
+            f"| {spread([h['rounds'][-1]['centralized_loss'] for h in seeds], 1, 3)} "
+            f"| {spread([iid_mean - _accuracy(h, ROUNDS) for h in seeds])} |"
         )
     header = (
-        f"| run | centralized acc, round 5 | round {ROUNDS} | best "
+        f"| run | centralized acc %, round 5 | round {ROUNDS} "
         f"| loss, round {ROUNDS} | gap to IID, points |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: |"
     )
     write_between_markers(
         ROOT / "docs" / "strategies.md",
@@ -70,20 +87,28 @@ def write_report(histories: dict[str, dict[str, Any]]) -> None:
         header + "\n" + "\n".join(rows),
     )
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
-    for name in _best_of_each(histories):
-        rounds = histories[name]["rounds"]
-        ax.plot(
-            [r["round"] for r in rounds],
-            [r["centralized_accuracy"] for r in rounds],
+    for name in _best_of_each(runs):
+        curves = [[r["centralized_accuracy"] for r in h["rounds"]] for h in runs[name]]
+        xs = [r["round"] for r in runs[name][0]["rounds"]]
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(xs))]
+        (line,) = ax.plot(
+            xs,
+            mean,
             "--" if "IID" in name else "-",
             marker="o",
             markersize=3,
             label=name,
         )
+        low = [min(c[i] for c in curves) for i in range(len(xs))]
+        high = [max(c[i] for c in curves) for i in range(len(xs))]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
     ax.set(
         xlabel="round",
         ylabel="centralized accuracy (test split)",
-        title="Dirichlet(0.3), 10 organizations: each strategy's best setting",
+        title=(
+            f"Dirichlet(0.3), 10 organizations: each strategy's best setting "
+            f"(mean of {len(SEEDS)} seeds, band: lowest to highest)"
+        ),
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -92,25 +117,24 @@ def write_report(histories: dict[str, dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def _best_of_each(histories: dict[str, dict[str, Any]]) -> list[str]:
-    """Return the IID reference and each strategy's best-scoring setting."""
+def _best_of_each(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Return the IID reference and each strategy's best setting (by its mean)."""
     best: dict[str, str] = {}
-    for name, history in histories.items():
+    for name, seeds in runs.items():
         family = name if "IID" in name else name.split()[0]
-        final = _final(history)
-        if family not in best or final > _final(histories[best[family]]):
+        if family not in best or _final(seeds) > _final(runs[best[family]]):
             best[family] = name
     return list(best.values())
 
 
-def _final(history: dict[str, Any]) -> float:
-    return history["rounds"][-1]["centralized_accuracy"]
+def _final(seeds: list[dict[str, Any]]) -> float:
+    return sum(_accuracy(h, ROUNDS) for h in seeds) / len(seeds)
 
 
 if __name__ == "__main__":
     federations.main(
         __doc__.splitlines()[0],
-        RUNS,
-        {"num-server-rounds": ROUNDS, "seed": 42} | NON_IID,
+        with_seeds(RUNS),
+        {"num-server-rounds": ROUNDS} | NON_IID,
         write_report,
     )

@@ -98,3 +98,72 @@ def plot_label_distribution(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_organizations(
+    accuracy: Sequence[Sequence[float | None]],
+    organizations: Sequence[str],
+    rounds: Sequence[int],
+    path: Path,
+) -> None:
+    """Draw each organization's accuracy per round as a heatmap (blank: not asked).
+
+    One row an organization, one column a round; the worst of each round is the
+    one the global model serves worst.
+    """
+    values = np.array(
+        [[np.nan if a is None else 100 * a for a in row] for row in accuracy]
+    )
+    height = 1.6 + 0.35 * len(organizations)
+    width = max(6.4, 2.0 + 0.7 * len(rounds))
+    fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    if values.size <= 400:  # room for the numbers
+        for (row, col), value in np.ndenumerate(values):
+            if not np.isnan(value):
+                light = value < np.nanmean(values)
+                ax.text(
+                    col,
+                    row,
+                    f"{value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if light else "black",
+                )
+    ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
+    ax.set_yticks(range(len(organizations)), organizations)
+    ax.set(
+        xlabel="round",
+        ylabel="organization (partition)",
+        title="Accuracy on each organization's validation data, %",
+    )
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_gain(
+    organizations: Mapping[str, Mapping[str, float]], epochs: int, path: Path
+) -> None:
+    """Draw, per organization, its model trained alone against the global model."""
+    names = list(organizations)
+    local = [100 * organizations[n]["local_accuracy"] for n in names]
+    joined = [100 * organizations[n]["global_accuracy"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.6 * len(names) + 2), 4.0), dpi=DPI)
+    ax.bar(x - 0.2, local, 0.4, label=f"trained alone ({epochs} epochs)")
+    ax.bar(x + 0.2, joined, 0.4, label="the federation's global model")
+    ax.set_xticks(x, names)
+    ax.set(
+        xlabel="organization (partition)",
+        ylabel="accuracy on its validation data, %",
+        title="What each organization gains by joining",
+    )
+    ax.set_ylim(0, 1.25 * max([*local, *joined, 1.0]))  # room for the legend
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -24,7 +24,12 @@ from flower_tutorial.data import (
     label_counts,
 )
 from flower_tutorial.outputs import RunFolderLock, save_model, write_json
-from flower_tutorial.plots import plot_batch, plot_curves, plot_label_distribution
+from flower_tutorial.plots import (
+    plot_batch,
+    plot_curves,
+    plot_label_distribution,
+    plot_organizations,
+)
 from flower_tutorial.task import Net, load_data, set_parameters, set_seed
 
 if TYPE_CHECKING:
@@ -175,6 +180,8 @@ class RunRecorder:
         for per_organization, name in (
             ("fit_train_loss", "training loss"),
             ("fit_examples", "examples"),
+            ("evaluate_loss", "validation loss"),
+            ("evaluate_accuracy", "validation accuracy"),
         ):
             for organization, value in entry.get(per_organization, {}).items():
                 tag = f"organization {organization}/{name}"
@@ -202,6 +209,7 @@ class RunRecorder:
             "num_partitions": self.num_partitions,
             "nodes_left_out": self.nodes_left_out,
             "best_round": self.best[1] if self.best else None,
+            "organizations": self.organizations(),
             "seconds": round(time.monotonic() - self._run_started, 3),
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
         }
@@ -218,11 +226,65 @@ class RunRecorder:
                 "fraction-evaluate 0): no best_model.pt, only final_model.pt.",
             )
         self._plot_metrics()
+        self._plot_organizations()
         self._plot_data()
         if self._tensorboard is not None:
             self._tensorboard.close()
         self.finished = True
+        summary = self.organizations()
+        if summary is not None:
+            log(
+                INFO,
+                "Organizations in round %s (federated evaluation): worst %.2f%% "
+                "(partition %s), median %.2f%%, best %.2f%% (partition %s), of %s",
+                summary["round"],
+                100 * summary["worst"],
+                summary["worst_organization"],
+                100 * summary["median"],
+                100 * summary["best"],
+                summary["best_organization"],
+                summary["organizations"],
+            )
         log(INFO, "Run outputs (history.json, models, plots): %s", self.run_dir)
+
+    def organizations(self) -> dict[str, Any] | None:
+        """Return the spread of the organizations' accuracy in the last round of it.
+
+        None when no round recorded an accuracy per organization (none evaluated,
+        or under DP without dp-client-metrics).
+        """
+        for server_round, entry in sorted(self.rounds.items(), reverse=True):
+            accuracies = entry.get("evaluate_accuracy")
+            if accuracies:
+                return {
+                    "round": server_round,
+                    "organizations": len(accuracies),
+                    **spread(accuracies),
+                }
+        return None
+
+    def _plot_organizations(self) -> None:
+        """Each organization's accuracy, round by round (where it evaluated)."""
+        names = sorted(
+            {
+                name
+                for entry in self.rounds.values()
+                for name in entry.get("evaluate_accuracy", {})
+            },
+            key=_organization_order,
+        )
+        rounds = [
+            r
+            for r, entry in sorted(self.rounds.items())
+            if entry.get("evaluate_accuracy")
+        ]
+        if not names or len(names) > MAX_PLOTTED_PARTITIONS:
+            return
+        grid = [
+            [self.rounds[r]["evaluate_accuracy"].get(name) for r in rounds]
+            for name in names
+        ]
+        plot_organizations(grid, names, rounds, self.run_dir / "organizations.png")
 
     def _series(self, key: str) -> list[tuple[float, float]]:
         return [
@@ -289,6 +351,12 @@ class RunRecorder:
         )
 
 
+def _organization_order(name: str) -> tuple[int, str]:
+    """Sort organizations by partition number (names like '3' or '3 (node 12)')."""
+    number = name.split(" ", 1)[0]
+    return (int(number) if number.isdigit() else -1, name)
+
+
 def _net(arrays: NDArrays) -> Net:
     """Return a Net holding the global model's `arrays`."""
     net = Net()
@@ -301,8 +369,33 @@ def _accuracy(entry: dict[str, Any]) -> float | None:
     return entry.get("centralized_accuracy", entry.get("distributed_accuracy"))
 
 
+def spread(accuracies: dict[str, float]) -> dict[str, Any]:
+    """Return the organizations' worst, median and best accuracy, and who they are.
+
+    The worst is whom the global model serves worst; a median of an even count
+    is the mean of the middle two.
+    """
+    ranked = sorted(accuracies.items(), key=lambda item: (item[1], item[0]))
+    values = [acc for _, acc in ranked]
+    middle = len(values) // 2
+    median = (
+        values[middle] if len(values) % 2 else sum(values[middle - 1 : middle + 1]) / 2
+    )
+    return {
+        "worst": values[0],
+        "worst_organization": ranked[0][0],
+        "median": median,
+        "best": values[-1],
+        "best_organization": ranked[-1][0],
+    }
+
+
 def progress_line(entry: dict[str, Any], num_rounds: int) -> str:
-    """One readable line per round: number, time and the headline metrics."""
+    """One readable line per round: number, time and the headline metrics.
+
+    Where organizations evaluated, their worst, median and best accuracy follow
+    the federated mean, which hides the worst.
+    """
     parts = [f"[round {entry['round']}/{num_rounds}] {entry['seconds']:.1f} s"]
     for key, label in (
         ("train_loss", "train loss"),
@@ -319,4 +412,15 @@ def progress_line(entry: dict[str, Any], num_rounds: int) -> str:
             else:
                 shown = f"{value:.4f}" if "loss" in label else f"{value:.3g}"
             parts.append(f"{label} {shown}")
+        if (
+            key == "distributed_accuracy"
+            and len(entry.get("evaluate_accuracy", {})) > 1
+        ):
+            parts[-1] += " ({worst} worst, {median} median, {best} best)".format(
+                **{
+                    k: f"{100 * v:.2f}%"
+                    for k, v in spread(entry["evaluate_accuracy"]).items()
+                    if k in ("worst", "median", "best")
+                }
+            )
     return " | ".join(parts)

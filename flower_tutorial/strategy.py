@@ -401,12 +401,20 @@ class CheckedStrategy(Strategy):
         good, refused = self._sort_out(
             "evaluate", server_round, results, check_evaluation
         )
-        reasons = self._evaluate_unsampled
-        reasons += self._failed("evaluate", server_round, failures)
-        reasons += refused
+        failed = self._failed("evaluate", server_round, failures)
+        reasons = [*self._evaluate_unsampled, *failed, *refused]
         self.recorder.record(
             server_round, evaluate_clients=len(good), evaluate_failures=reasons
         )
+        if self.client_metrics:  # each organization's own, not only their mean
+            named = list(zip(self._organizations(good), good, strict=True))
+            self.recorder.record(
+                server_round,
+                evaluate_loss={name: res.loss for name, (_, res) in named},
+                evaluate_accuracy={
+                    name: res.metrics["accuracy"] for name, (_, res) in named
+                },
+            )
         self._end_if_none_left("evaluate", server_round, good, reasons)
         loss, metrics = self.strategy.aggregate_evaluate(server_round, good, [])
         self.recorder.record(

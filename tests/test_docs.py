@@ -40,6 +40,7 @@ def test_there_are_the_documented_presets():
     assert {p.name for p in PRESETS} == {
         "tutorial.toml",
         "dirichlet-0.3.toml",
+        "dirichlet-0.3-every-organization.toml",
         "smoke.toml",
     }
 
@@ -55,3 +56,14 @@ def test_the_tutorial_preset_is_pyprojects_defaults():
     overrides = tomllib.loads((APP_DIR / "conf" / "tutorial.toml").read_text())
     defaults = default_run_config()
     assert {key: defaults[key] for key in overrides} == overrides
+
+
+def test_the_every_organization_preset_is_the_dirichlet_one_with_all_evaluating():
+    def preset(name: str) -> dict:
+        return tomllib.loads((APP_DIR / "conf" / name).read_text())
+
+    every = preset("dirichlet-0.3-every-organization.toml")
+    assert (every["fraction-evaluate"], every["min-evaluate-clients"]) == (1.0, 10)
+    assert {k: v for k, v in every.items() if "evaluate" not in k} == {
+        k: v for k, v in preset("dirichlet-0.3.toml").items() if "evaluate" not in k
+    }

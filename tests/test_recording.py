@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import signal
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from flower_tutorial.client_manager import SeededClientManager
 from flower_tutorial.config import RunSettings
 from flower_tutorial.local_baseline import main as local_baseline_main
 from flower_tutorial.outputs import load_checkpoint, make_run_dir, write_json
-from flower_tutorial.recording import RunRecorder, progress_line
+from flower_tutorial.recording import RunRecorder, progress_line, spread
 from flower_tutorial.server_app import server_fn, weighted_average
 from flower_tutorial.stopping import RunStoppedError, stop_on_ctrl_c
 from flower_tutorial.strategy import CheckedStrategy
@@ -314,3 +315,124 @@ def test_ctrl_c_while_a_round_is_written_leaves_every_file_whole(
     assert checkpoint.load(tmp_path).server_round in (1, 2)
     assert checkpoint.load(tmp_path).server_round <= rounds[-1]["round"]
     assert isinstance(load_checkpoint(str(tmp_path / "best_model.pt")), Net)
+
+
+# --- Each organization's results ---------------------------------------------------
+
+
+def test_the_progress_line_shows_whom_the_model_serves_worst():
+    entry = {
+        "round": 2,
+        "seconds": 3.0,
+        "distributed_accuracy": 0.5,
+        "evaluate_accuracy": {"0": 0.4, "1": 0.9, "2": 0.3, "3": 0.45},
+    }
+    assert progress_line(entry, 5) == (
+        "[round 2/5] 3.0 s | federated acc 50.00% (30.00% worst, 42.50% median, "
+        "90.00% best)"
+    )
+    assert spread({"3": 0.2, "1": 0.2, "7": 0.6}) == {
+        "worst": 0.2,
+        "worst_organization": "1",
+        "median": 0.2,
+        "best": 0.6,
+        "best_organization": "7",
+    }
+
+
+def _evaluated_run(tmp_path: Path, accuracies: list[dict[int, float]]) -> RunRecorder:
+    """A run of 2 organizations whose rounds evaluate with these accuracies."""
+    strategy = _strategy(tmp_path)
+    strategy.recorder.num_rounds = len(accuracies)
+    manager = strategy.client_manager
+    sent = ndarrays_to_parameters(MODEL)
+    for server_round, accuracy in enumerate(accuracies, start=1):
+        fit = strategy.configure_fit(server_round, sent, manager)
+        results = [
+            (p, FitRes(OK, i.parameters, 10, {"train_loss": 1.0})) for p, i in fit
+        ]
+        parameters, _ = strategy.aggregate_fit(server_round, results, [])
+        evaluate = strategy.configure_evaluate(server_round, parameters, manager)
+        replies = [
+            (
+                p,
+                EvaluateRes(
+                    OK, 1.0 - accuracy[p.pid], 5, {"accuracy": accuracy[p.pid]}
+                ),
+            )
+            for p, _ in evaluate
+        ]
+        strategy.aggregate_evaluate(server_round, replies, [])
+    return strategy.recorder
+
+
+def test_each_organizations_results_are_recorded_round_by_round(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    recorder = _evaluated_run(tmp_path, [{0: 0.25, 1: 0.75}, {0: 0.5, 1: 0.625}])
+    history = json.loads((tmp_path / "history.json").read_text())
+    rounds = {r["round"]: r for r in history["rounds"]}
+    assert rounds[1]["evaluate_accuracy"] == {"0": 0.25, "1": 0.75}
+    assert rounds[2]["evaluate_loss"] == {"0": 0.5, "1": 0.375}
+    assert history["organizations"] == {
+        "round": 2,
+        "organizations": 2,
+        "worst": 0.5,
+        "worst_organization": "0",
+        "median": 0.5625,
+        "best": 0.625,
+        "best_organization": "1",
+    }
+    assert (
+        "Organizations in round 2 (federated evaluation): worst 50.00% (partition "
+        "0), median 56.25%, best 62.50% (partition 1), of 2"
+    ) in caplog.text
+    assert (tmp_path / "organizations.png").stat().st_size > 0
+    # ...and in TensorBoard, one tag per organization.
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"organization 0/validation accuracy", "organization 1/validation loss"} <= (
+        set(tags)
+    )
+    values = events.Scalars("organization 0/validation accuracy")
+    assert [(v.step, v.value) for v in values] == [(1, 0.25), (2, 0.5)]
+    assert recorder.organizations()["worst_organization"] == "0"
+
+
+def test_a_run_without_any_organizations_results_has_no_summary(tmp_path):
+    strategy = _strategy(tmp_path)
+    assert strategy.recorder.organizations() is None
+
+
+def test_the_local_baseline_compares_each_organization_with_the_federation(
+    cifar_dir, tmp_path, capsys
+):
+    # A finished run of 3 organizations: its config and final model.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = default_run_config() | {"dataset": str(cifar_dir), "batch-size": 16}
+    (run_dir / "history.json").write_text(
+        json.dumps({"run_config": config, "num_partitions": 3, "rounds": []})
+    )
+    torch.save(Net().state_dict(), run_dir / "final_model.pt")
+    result = local_baseline_main(["--compare", str(run_dir), "--epochs", "1"])
+    assert list(result["organizations"]) == ["0", "1", "2"]
+    for org in result["organizations"].values():
+        assert org["gain"] == pytest.approx(
+            org["global_accuracy"] - org["local_accuracy"]
+        )
+        assert org["examples"] == 64  # 80 % of 240 / 3
+        assert 0 <= org["local_test_accuracy"] <= 1
+    assert 0 <= result["global_test_accuracy"] <= 1
+    saved = json.loads((run_dir / "local_baselines.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert (run_dir / "gain.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "Partition 2: alone " in out and "points" in out
+    with pytest.raises(SystemExit):
+        local_baseline_main(["--compare", str(tmp_path / "none")])
+    assert "expected the folder of a finished federated run" in capsys.readouterr().err
