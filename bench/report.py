@@ -66,7 +66,8 @@ def _short_row(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def _scale_row(r: dict[str, Any]) -> str:
+def scale_row(r: dict[str, Any]) -> str:
+    """One row of the table of many clients (SCALE_HEADER)."""
     spec, rounds = r["spec"], r["round_seconds"]
     cells = [
         spec["clients"],
@@ -266,7 +267,7 @@ About ten clients train each round; all share the same 50,000 training images, s
 each holds fewer. Round 1 includes asking every node which partition it holds, once.
 
 {SCALE_HEADER}
-{chr(10).join(_scale_row(r) for r in results["scale"])}
+{chr(10).join(scale_row(r) for r in results["scale"])}
 
 ![benchmark](benchmark.png)
 """

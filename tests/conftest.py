@@ -114,7 +114,11 @@ PROCESS_FIXTURES = {"run_python", "run_python_module", "deploy"}
 # In this order they end with test_deployment.py's fast tests: xdist hands a
 # worker its next file once it has two tests left, which then waits seconds, not
 # the minutes of a deployment.
-DEPLOYMENT_FILES = ("tests/test_hosts.py", "tests/test_deployment.py")
+DEPLOYMENT_FILES = (
+    "tests/test_hosts.py",
+    "tests/test_ray_cluster.py",
+    "tests/test_deployment.py",
+)
 # The files that go out first, longest first (`--durations`: deployments 250 and
 # 250 s, then 120, 75, 55 and 45 s of simulations); then other slow files, then
 # fast ones, which even out the end.
