@@ -2,7 +2,8 @@
 
 Flower 1.42's `flwr run .` starts a managed local SuperLink that outlives it;
 `local_superlink` gives it ports and a Flower home of the test's own, and stops
-it again by PID (it is a descendant of the test's process, which adopts it).
+it again by PID: the test's process adopts it as a subreaper, so it stays a
+descendant after `flwr run` exits and can be found.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import _live_descendants
+from conftest import _live_descendants, _reap_adopted, _set_child_subreaper
 
 from flower_tutorial.deployment import local as deployment
 
@@ -42,6 +43,7 @@ def local_superlink(home: Path) -> Iterator[dict[str, str]]:
     Free ports and a Flower home in `home`; the app runs in this environment,
     offline (no per-run `uv sync`). The SuperLink is stopped by PID afterwards.
     """
+    _set_child_subreaper()
     port, control = deployment.free_port(), deployment.free_port()
     env = os.environ | {
         "FLWR_HOME": str(home),
@@ -56,10 +58,29 @@ def local_superlink(home: Path) -> Iterator[dict[str, str]]:
 
 
 def _stop_superlink(port: int) -> None:
-    """SIGTERM the SuperLink serving on `port`, and wait up to 30 s for it."""
+    """SIGTERM the SuperLink serving on `port` and what it started (its SuperExec),
+    wait up to 30 s for them, SIGKILL what is left, and reap them."""
     for pid, command in _live_descendants(os.getpid()).items():
         if "flower-superlink" in command and f"--port {port}" in command:
-            os.kill(pid, signal.SIGTERM)
+            tree = {each: _started(each) for each in [pid, *_live_descendants(pid)]}
+            for each in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(each, signal.SIGTERM)
             deadline = time.monotonic() + 30
-            while deployment._proc_info(pid) and time.monotonic() < deadline:
+            while _still_running(tree) and time.monotonic() < deadline:
                 time.sleep(0.2)
+            for each in _still_running(tree):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(each, signal.SIGKILL)
+    _reap_adopted()
+
+
+def _started(pid: int) -> int:
+    """The start time of `pid`, so that a reused PID is never taken for it."""
+    info = deployment._proc_info(pid)
+    return info.start_time if info else -1
+
+
+def _still_running(tree: dict[int, int]) -> list[int]:
+    """The PIDs of `tree` ({pid: start time}) that still run."""
+    return [pid for pid, start in tree.items() if deployment._running(pid, start)]
